@@ -1,0 +1,72 @@
+/* glofnd: C core of GloFND (global false-negative discovery).
+ *
+ * Pure C99: no Python, no NumPy. Plain pointers and sizes in, a status code out.
+ * The state lives in four caller-owned arrays of length n; one call reads and writes only
+ * the entries named by the batch's indices, so its cost does not depend on n.
+ */
+#ifndef GLOFND_H
+#define GLOFND_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum glofnd_status {
+    GLOFND_OK = 0,
+    GLOFND_EINVAL = -1, /* a size, stride or hyper-parameter is invalid */
+    GLOFND_EINDEX = -2, /* an index lies outside [0, n) */
+    GLOFND_ENOMEM = -3  /* scratch allocation failed; nothing was written */
+};
+
+enum glofnd_optimizer { GLOFND_ADAM = 0, GLOFND_SGD = 1 };
+
+/* R rows of M similarities; row r belongs to the anchor with data-set id index[r].
+ * Strides are in elements and may be negative. valid == NULL means every entry is valid. */
+typedef struct {
+    int64_t rows, cols;
+    int64_t row_stride, col_stride;
+    const int64_t *index;
+    const uint8_t *valid;
+    int64_t valid_row_stride, valid_col_stride;
+} glofnd_batch;
+
+/* Per-sample state, n entries each: threshold, Adam moments, update count. */
+typedef struct {
+    float *lambda;
+    float *exp_avg;
+    float *exp_avg_sq;
+    int32_t *steps;
+    int64_t n;
+} glofnd_state;
+
+typedef struct {
+    double alpha;        /* target share of negatives above lambda, in (0, 1) */
+    double lr;           /* step size, >= 0 */
+    double beta1, beta2; /* Adam decay rates, in [0, 1) */
+    double eps;          /* Adam denominator term, > 0 */
+    double lo, hi;       /* lambda is clamped to [lo, hi] */
+    int optimizer;       /* enum glofnd_optimizer */
+    int64_t step;        /* > 0: Adam bias correction uses this t for all; 0: per-sample count */
+    int update;          /* 0: mask with the current lambda, state untouched */
+    int num_threads;     /* <= 1: serial; results never depend on it */
+} glofnd_params;
+
+/* Update lambda of every distinct index in the batch from the share of its valid entries above
+ * the current lambda (all rows of one index pooled), then write mask[r*M + j] = 1 where entry
+ * (r, j) is valid and above the new lambda of index[r], and kept[r] = valid entries not masked.
+ * NaN entries are never valid. mask (R*M) and kept (R) are contiguous outputs. */
+int glofnd_step_f32(const float *sim, const glofnd_batch *batch, glofnd_state *state,
+                    const glofnd_params *params, uint8_t *mask, int64_t *kept);
+int glofnd_step_f64(const double *sim, const glofnd_batch *batch, glofnd_state *state,
+                    const glofnd_params *params, uint8_t *mask, int64_t *kept);
+
+/* 1 when the library was built with OpenMP. */
+int glofnd_has_openmp(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* GLOFND_H */

@@ -1,0 +1,246 @@
+/* glofnd._C: the NumPy binding of the C core. The only file that includes Python.h.
+ *
+ * step(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps, *, alpha, lr, beta1, beta2, eps,
+ *      lo, hi, optimizer, step, update, num_threads) -> (mask, kept)
+ *
+ * The state arrays are updated in place and must be C-contiguous, writeable and of the exact
+ * dtype (float32, float32, float32, int32): a silent copy would lose the update. sim is read
+ * through its strides without copying when its dtype is float32 or float64 and it is aligned. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include "glofnd.h"
+
+/* Borrowed array check for the in-place state: never converted, so updates cannot be lost. */
+static int check_state_array(PyObject *obj, const char *name, int typenum, const char *tname,
+                             npy_intp n)
+{
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != typenum) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s", name, tname);
+        return -1;
+    }
+    if (PyArray_NDIM(a) != 1 || (n >= 0 && PyArray_DIM(a, 0) != n)) {
+        PyErr_Format(PyExc_ValueError, "%s must be 1-D of length %zd (num_samples)", name,
+                     (Py_ssize_t)n);
+        return -1;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a) || !PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous, aligned and writeable", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* Element strides of a 2-D array, or -1 when a byte stride is not a multiple of the item. */
+static int element_strides(PyArrayObject *a, int64_t *rs, int64_t *cs)
+{
+    const npy_intp item = PyArray_ITEMSIZE(a);
+    const npy_intp s0 = PyArray_STRIDE(a, 0), s1 = PyArray_STRIDE(a, 1);
+    if (s0 % item != 0 || s1 % item != 0)
+        return -1;
+    *rs = (int64_t)(s0 / item);
+    *cs = (int64_t)(s1 / item);
+    return 0;
+}
+
+/* sim as an aligned float32/float64 2-D array, a new reference; copies only when unaligned or
+ * when its strides are not whole elements. */
+static PyArrayObject *as_sim(PyObject *obj)
+{
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "sim must be a numpy.ndarray, got %s", Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    const int t = PyArray_TYPE((PyArrayObject *)obj);
+    if (t != NPY_FLOAT32 && t != NPY_FLOAT64) {
+        PyErr_SetString(PyExc_TypeError, "sim must have dtype float32 or float64 (upcast others)");
+        return NULL;
+    }
+    if (PyArray_NDIM((PyArrayObject *)obj) != 2) {
+        PyErr_Format(PyExc_ValueError, "sim must be 2-D (rows, columns), got %d dimensions",
+                     PyArray_NDIM((PyArrayObject *)obj));
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OF(obj, NPY_ARRAY_ALIGNED);
+    int64_t rs, cs;
+    if (a != NULL && element_strides(a, &rs, &cs) < 0) {
+        Py_SETREF(a, (PyArrayObject *)PyArray_FROM_OF((PyObject *)a, NPY_ARRAY_CARRAY_RO));
+    }
+    return a;
+}
+
+static PyArrayObject *as_index(PyObject *obj, npy_intp rows, npy_intp n)
+{
+    if (!PyArray_Check(obj) || !PyArray_ISINTEGER((PyArrayObject *)obj)) {
+        PyErr_SetString(PyExc_TypeError, "index must be a numpy.ndarray of integers");
+        return NULL;
+    }
+    if (PyArray_NDIM((PyArrayObject *)obj) != 1 || PyArray_DIM((PyArrayObject *)obj, 0) != rows) {
+        PyErr_Format(PyExc_ValueError, "index must be 1-D of length %zd (the rows of sim)",
+                     (Py_ssize_t)rows);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, NPY_INT64, NPY_ARRAY_IN_ARRAY);
+    if (a == NULL)
+        return NULL;
+    const int64_t *ix = (const int64_t *)PyArray_DATA(a);
+    for (npy_intp r = 0; r < rows; ++r) {
+        if (ix[r] < 0 || ix[r] >= n) {
+            PyErr_Format(PyExc_IndexError,
+                         "index[%zd] = %lld is outside [0, num_samples = %zd)", (Py_ssize_t)r,
+                         (long long)ix[r], (Py_ssize_t)n);
+            Py_DECREF(a);
+            return NULL;
+        }
+    }
+    return a;
+}
+
+static PyArrayObject *as_valid(PyObject *obj, npy_intp rows, npy_intp cols)
+{
+    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_BOOL) {
+        PyErr_SetString(PyExc_TypeError, "valid must be None or a numpy.ndarray of dtype bool");
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_NDIM(a) != 2 || PyArray_DIM(a, 0) != rows || PyArray_DIM(a, 1) != cols) {
+        PyErr_Format(PyExc_ValueError, "valid must have the shape of sim, (%zd, %zd)",
+                     (Py_ssize_t)rows, (Py_ssize_t)cols);
+        return NULL;
+    }
+    Py_INCREF(a);
+    return a;
+}
+
+static int check_params(const glofnd_params *p)
+{
+#define REQUIRE(cond, msg)                                                                      \
+    if (!(cond)) {                                                                              \
+        PyErr_SetString(PyExc_ValueError, msg);                                                 \
+        return -1;                                                                              \
+    }
+    REQUIRE(p->alpha > 0.0 && p->alpha < 1.0, "alpha must lie in (0, 1)");
+    REQUIRE(p->lr >= 0.0 && isfinite(p->lr), "lr must be finite and >= 0");
+    REQUIRE(p->beta1 >= 0.0 && p->beta1 < 1.0, "beta1 must lie in [0, 1)");
+    REQUIRE(p->beta2 >= 0.0 && p->beta2 < 1.0, "beta2 must lie in [0, 1)");
+    REQUIRE(p->eps > 0.0 && isfinite(p->eps), "eps must be finite and > 0");
+    REQUIRE(isfinite(p->lo) && isfinite(p->hi) && p->lo <= p->hi, "lo, hi must be finite, lo <= hi");
+    REQUIRE(p->optimizer == GLOFND_ADAM || p->optimizer == GLOFND_SGD,
+            "optimizer must be 0 (adam) or 1 (sgd)");
+    REQUIRE(p->step >= 0, "step must be >= 0");
+#undef REQUIRE
+    return 0;
+}
+
+static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    (void)self;
+    static char *kwlist[] = {"sim", "index", "valid", "lambdas", "exp_avg", "exp_avg_sq",
+                             "steps", "alpha", "lr", "beta1", "beta2", "eps", "lo", "hi",
+                             "optimizer", "step", "update", "num_threads", NULL};
+    PyObject *sim_o, *index_o, *valid_o, *lam_o, *m_o, *v_o, *t_o;
+    glofnd_params p = {0.01, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, GLOFND_ADAM, 0, 1, 1};
+    long long step = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$dddddddiLpi", kwlist, &sim_o, &index_o,
+                                     &valid_o, &lam_o, &m_o, &v_o, &t_o, &p.alpha, &p.lr,
+                                     &p.beta1, &p.beta2, &p.eps, &p.lo, &p.hi, &p.optimizer,
+                                     &step, &p.update, &p.num_threads))
+        return NULL;
+    p.step = (int64_t)step;
+    if (check_params(&p) < 0)
+        return NULL;
+
+    PyArrayObject *sim = NULL, *index = NULL, *valid = NULL, *mask = NULL, *kept = NULL;
+    PyObject *result = NULL;
+    if (check_state_array(lam_o, "lambdas", NPY_FLOAT32, "float32", -1) < 0)
+        return NULL;
+    const npy_intp n = PyArray_DIM((PyArrayObject *)lam_o, 0);
+    if (check_state_array(m_o, "exp_avg", NPY_FLOAT32, "float32", n) < 0 ||
+        check_state_array(v_o, "exp_avg_sq", NPY_FLOAT32, "float32", n) < 0 ||
+        check_state_array(t_o, "steps", NPY_INT32, "int32", n) < 0)
+        return NULL;
+
+    if ((sim = as_sim(sim_o)) == NULL)
+        goto done;
+    const npy_intp rows = PyArray_DIM(sim, 0), cols = PyArray_DIM(sim, 1);
+    if ((index = as_index(index_o, rows, n)) == NULL)
+        goto done;
+    if (valid_o != Py_None && (valid = as_valid(valid_o, rows, cols)) == NULL)
+        goto done;
+
+    npy_intp mdims[2] = {rows, cols};
+    mask = (PyArrayObject *)PyArray_EMPTY(2, mdims, NPY_BOOL, 0);
+    kept = (PyArrayObject *)PyArray_EMPTY(1, mdims, NPY_INT64, 0);
+    if (mask == NULL || kept == NULL)
+        goto done;
+
+    glofnd_batch b = {rows, cols, 0, 1, PyArray_DATA(index), NULL, 0, 1};
+    if (element_strides(sim, &b.row_stride, &b.col_stride) < 0) {
+        PyErr_SetString(PyExc_ValueError, "sim has strides that are not whole elements");
+        goto done;
+    }
+    if (valid != NULL) {
+        b.valid = (const uint8_t *)PyArray_DATA(valid);
+        b.valid_row_stride = PyArray_STRIDE(valid, 0);
+        b.valid_col_stride = PyArray_STRIDE(valid, 1);
+    }
+    glofnd_state st = {PyArray_DATA((PyArrayObject *)lam_o), PyArray_DATA((PyArrayObject *)m_o),
+                       PyArray_DATA((PyArrayObject *)v_o), PyArray_DATA((PyArrayObject *)t_o), n};
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    if (PyArray_TYPE(sim) == NPY_FLOAT32)
+        status = glofnd_step_f32(PyArray_DATA(sim), &b, &st, &p, PyArray_DATA(mask),
+                                 PyArray_DATA(kept));
+    else
+        status = glofnd_step_f64(PyArray_DATA(sim), &b, &st, &p, PyArray_DATA(mask),
+                                 PyArray_DATA(kept));
+    Py_END_ALLOW_THREADS
+    if (status == GLOFND_ENOMEM)
+        PyErr_NoMemory();
+    else if (status != GLOFND_OK)
+        PyErr_Format(PyExc_RuntimeError, "glofnd_step failed with status %d", status);
+    else
+        result = PyTuple_Pack(2, (PyObject *)mask, (PyObject *)kept);
+
+done:
+    Py_XDECREF(sim);
+    Py_XDECREF(index);
+    Py_XDECREF(valid);
+    Py_XDECREF(mask);
+    Py_XDECREF(kept);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"step", (PyCFunction)(void (*)(void))py_step, METH_VARARGS | METH_KEYWORDS,
+     "step(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps, *, alpha, lr, beta1, beta2,"
+     " eps, lo, hi, optimizer, step, update, num_threads) -> (mask, kept)\n\n"
+     "Fused GloFND threshold step: updates the state in place, returns the false-negative mask\n"
+     "(bool, rows x cols) and the kept count of each row (int64)."},
+    {NULL, NULL, 0, NULL}};
+
+static int exec_module(PyObject *m)
+{
+    import_array1(-1);
+    if (PyModule_AddIntConstant(m, "openmp", glofnd_has_openmp()) < 0 ||
+        PyModule_AddIntConstant(m, "ADAM", GLOFND_ADAM) < 0 ||
+        PyModule_AddIntConstant(m, "SGD", GLOFND_SGD) < 0)
+        return -1;
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {{Py_mod_exec, exec_module}, {0, NULL}};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "glofnd._C",
+                                       "C kernels of glofnd (see csrc/glofnd.h).", 0, methods,
+                                       slots, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModuleDef_Init(&moduledef); }

@@ -1,0 +1,11 @@
+"""glofnd: GloFND, global false-negative discovery for contrastive learning.
+
+``implementation`` is ``"c"`` when the C extension is loaded, ``"reference"`` otherwise (the
+pure-torch path, with the same semantics).
+"""
+from ._ops import implementation
+from .state import GloFND
+from .numpy_api import threshold_step
+
+__all__ = ["GloFND", "implementation", "threshold_step"]
+__version__ = "0.1.0"

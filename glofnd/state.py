@@ -1,0 +1,207 @@
+"""The GloFND state: one learned threshold λ_i per data-set sample (SPEC sections 2-4)."""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from .reference import ADAM, SGD
+
+_OPTIMIZERS = {"adam": ADAM, "sgd": SGD}
+_BIAS_CORRECTION = ("sample", "epoch")
+
+
+def _check_real(name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    below = value <= lo if lo_open else value < lo
+    above = value >= hi if hi_open else value > hi
+    if not math.isfinite(value) or below or above:
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must lie in {lb}{lo}, {hi}{rb}, got {value}")
+    return value
+
+
+def check_batch(sim: Tensor, index: Tensor, valid: Optional[Tensor], num_samples: int,
+                check_index: bool = True) -> None:
+    """Validates one batch; raises TypeError/ValueError/IndexError naming the argument."""
+    if not isinstance(sim, Tensor):
+        raise TypeError(f"sim must be a torch.Tensor, got {type(sim).__name__}")
+    if not sim.is_floating_point():
+        raise TypeError(f"sim must be a floating-point tensor, got dtype {sim.dtype}")
+    if sim.dim() != 2:
+        raise ValueError(f"sim must be 2-D (rows, columns), got shape {tuple(sim.shape)}")
+    if sim.shape[0] == 0 or sim.shape[1] == 0:
+        raise ValueError(f"sim is empty: shape {tuple(sim.shape)}")
+    if not isinstance(index, Tensor):
+        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError(f"index must be an integer tensor, got dtype {index.dtype}")
+    if index.shape != sim.shape[:1]:
+        raise ValueError(f"index must have shape ({sim.shape[0]},) (the rows of sim), "
+                         f"got {tuple(index.shape)}")
+    if index.device != sim.device:
+        raise ValueError(f"index is on {index.device} but sim is on {sim.device}")
+    if valid is not None:
+        if not isinstance(valid, Tensor) or valid.dtype != torch.bool:
+            raise TypeError("valid must be None or a bool tensor")
+        if valid.shape != sim.shape:
+            raise ValueError(f"valid must have the shape of sim {tuple(sim.shape)}, "
+                             f"got {tuple(valid.shape)}")
+        if valid.device != sim.device:
+            raise ValueError(f"valid is on {valid.device} but sim is on {sim.device}")
+    if check_index:
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= num_samples:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"index holds {bad}, outside [0, num_samples={num_samples})")
+
+
+class GloFND(nn.Module):
+    r"""Per-sample false-negative thresholds λ, learned online as (1−α)-quantiles.
+
+    For anchor i with cosine similarities :math:`s_{ij}` to its negatives, λ_i minimises
+    :math:`F_i(λ) = αλ + \frac{1}{|S_i|}\sum_{j∈S_i}(s_{ij} − λ)_+`, so that a share α of the
+    anchor's negatives *over the whole data set* lies above it. Each call takes a batch of rows,
+    pools all rows of one data-set index into one stochastic subgradient
+
+    .. math:: g_i = α − \frac{1}{|B_i|}\sum_{j∈B_i} 1[s_{ij} > λ_i],
+
+    takes one Adam (β=(0.9, 0.98)) or SGD step on λ_i clamped to [−1, 1], and then flags as false
+    negatives the valid entries strictly above the *new* λ_i. Only the batch's entries of the
+    state are read or written, so a step costs O(R·M) whatever ``num_samples`` is.
+
+    Args:
+        num_samples: N, the size of the data set (indices lie in [0, N)).
+        alpha: α in (0, 1), the share of negatives treated as false.
+        lr: step size of λ (≥ 0).
+        optimizer: ``"adam"`` (as the paper) or ``"sgd"``.
+        betas, eps: Adam's decay rates and denominator term.
+        init_lambda: initial λ in [−1, 1]; 1.0 flags nothing at first.
+        bias_correction: ``"sample"`` (default): Adam's t is the per-sample update count t_i;
+            ``"epoch"``: t = epoch + 1 as in the authors' code (set with :meth:`set_epoch`).
+        clamp: the interval λ is kept in.
+
+    Shapes: ``sim`` (R, M) cosines of R rows against M columns, any float dtype (float16 and
+    bfloat16 are compared in float32); ``index`` (R,) integer data-set ids of the rows' anchors,
+    repeated ids allowed (pooled into one update); ``valid`` (R, M) bool or None (all valid).
+    NaN entries are neither valid nor flagged; a row without a valid entry does not move λ.
+
+    State (float32, saved in ``state_dict``): ``lambdas``, ``exp_avg``, ``exp_avg_sq`` (N,), and
+    ``steps`` (N,) int32. CPU tensors run the C kernel (multi-threaded, bit-identical for any
+    thread count); others run the pure-torch reference on their own device.
+
+    Example::
+
+        >>> fnd = GloFND(num_samples=1000, alpha=0.01)
+        >>> z = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+        >>> is_fn = fnd(z @ z.T, torch.arange(8), valid=~torch.eye(8, dtype=torch.bool))
+        >>> is_fn.shape, is_fn.dtype
+        (torch.Size([8, 8]), torch.bool)
+    """
+
+    lambdas: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    steps: Tensor
+
+    def __init__(self, num_samples: int, alpha: float = 0.01, lr: float = 0.05,
+                 optimizer: str = "adam", betas: tuple[float, float] = (0.9, 0.98),
+                 eps: float = 1e-8, init_lambda: float = 1.0, bias_correction: str = "sample",
+                 clamp: tuple[float, float] = (-1.0, 1.0)):
+        super().__init__()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+            raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be > 0, got {num_samples}")
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
+        if bias_correction not in _BIAS_CORRECTION:
+            raise ValueError(f"bias_correction must be one of {_BIAS_CORRECTION}, "
+                             f"got {bias_correction!r}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise TypeError("betas must be a pair (beta1, beta2)")
+        if not (isinstance(clamp, (tuple, list)) and len(clamp) == 2):
+            raise TypeError("clamp must be a pair (low, high)")
+        self.num_samples = num_samples
+        self.alpha = _check_real("alpha", alpha, 0.0, 1.0, True, True)
+        self.lr = _check_real("lr", lr, 0.0, math.inf, False, True)
+        self.betas = (_check_real("betas[0]", betas[0], 0.0, 1.0, False, True),
+                      _check_real("betas[1]", betas[1], 0.0, 1.0, False, True))
+        self.eps = _check_real("eps", eps, 0.0, math.inf, True, True)
+        lo = _check_real("clamp[0]", clamp[0], -math.inf, math.inf, True, True)
+        hi = _check_real("clamp[1]", clamp[1], lo, math.inf, False, True)
+        self.clamp = (lo, hi)
+        init = _check_real("init_lambda", init_lambda, lo, hi, False, False)
+        self.optimizer = optimizer
+        self.bias_correction = bias_correction
+        self.epoch = 0
+        self.check_index = True
+        self._lock = threading.Lock()
+        self.register_buffer("lambdas", torch.full((num_samples,), init, dtype=torch.float32))
+        self.register_buffer("exp_avg", torch.zeros(num_samples, dtype=torch.float32))
+        self.register_buffer("exp_avg_sq", torch.zeros(num_samples, dtype=torch.float32))
+        self.register_buffer("steps", torch.zeros(num_samples, dtype=torch.int32))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch used by ``bias_correction="epoch"`` (t = epoch + 1)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def step(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
+             update: bool = True) -> tuple[Tensor, Tensor]:
+        """Like :meth:`forward`, and also returns ``kept`` (R,) int64: the valid entries of each
+        row that are not false negatives. ``update=False`` masks with the current λ only."""
+        check_batch(sim, index, valid, self.num_samples, self.check_index)
+        if sim.device != self.lambdas.device:
+            raise ValueError(f"sim is on {sim.device} but the state is on {self.lambdas.device}; "
+                             "move the module with .to(device)")
+        sim = sim.detach()
+        if sim.dtype not in (torch.float32, torch.float64):
+            sim = sim.float()
+        step = self.epoch + 1 if self.bias_correction == "epoch" else 0
+        with self._lock:  # one state, one writer: concurrent calls are serialised
+            return _ops.threshold_step(
+                sim, index.to(torch.int64), valid, self.lambdas, self.exp_avg, self.exp_avg_sq,
+                self.steps, self.alpha, self.lr, self.betas[0], self.betas[1], self.eps,
+                self.clamp[0], self.clamp[1], _OPTIMIZERS[self.optimizer], step, bool(update))
+
+    def forward(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
+                update: bool = True) -> Tensor:
+        """Updates λ of the rows' indices, then returns the (R, M) bool false-negative mask."""
+        return self.step(sim, index, valid, update)[0]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "lambdas"
+        if key in state_dict and state_dict[key].shape != self.lambdas.shape:
+            raise ValueError(f"the checkpoint's GloFND state has num_samples="
+                             f"{state_dict[key].shape[0]}, this module has num_samples="
+                             f"{self.num_samples}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def get_extra_state(self):
+        return {"epoch": self.epoch}
+
+    def set_extra_state(self, state) -> None:
+        self.epoch = int(state["epoch"])
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def extra_repr(self) -> str:
+        return (f"num_samples={self.num_samples}, alpha={self.alpha}, lr={self.lr}, "
+                f"optimizer={self.optimizer!r}, bias_correction={self.bias_correction!r}")
