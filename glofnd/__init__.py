@@ -3,9 +3,9 @@
 ``implementation`` is ``"c"`` when the C extension is loaded, ``"reference"`` otherwise (the
 pure-torch path, with the same semantics).
 """
-from ._ops import implementation
+from ._ops import implementation, use_backend
 from .state import GloFND
 from .numpy_api import threshold_step
 
-__all__ = ["GloFND", "implementation", "threshold_step"]
+__all__ = ["GloFND", "implementation", "threshold_step", "use_backend"]
 __version__ = "0.1.0"

@@ -141,7 +141,6 @@ class GloFND(nn.Module):
         self.optimizer = optimizer
         self.bias_correction = bias_correction
         self.epoch = 0
-        self.check_index = True
         self._lock = threading.Lock()
         self.register_buffer("lambdas", torch.full((num_samples,), init, dtype=torch.float32))
         self.register_buffer("exp_avg", torch.zeros(num_samples, dtype=torch.float32))
@@ -158,7 +157,9 @@ class GloFND(nn.Module):
              update: bool = True) -> tuple[Tensor, Tensor]:
         """Like :meth:`forward`, and also returns ``kept`` (R,) int64: the valid entries of each
         row that are not false negatives. ``update=False`` masks with the current λ only."""
-        check_batch(sim, index, valid, self.num_samples, self.check_index)
+        # the index range is checked by the op's kernels (C and reference), which keeps this
+        # path free of data-dependent Python and traceable by torch.compile
+        check_batch(sim, index, valid, self.num_samples, check_index=False)
         if sim.device != self.lambdas.device:
             raise ValueError(f"sim is on {sim.device} but the state is on {self.lambdas.device}; "
                              "move the module with .to(device)")
@@ -166,11 +167,13 @@ class GloFND(nn.Module):
         if sim.dtype not in (torch.float32, torch.float64):
             sim = sim.float()
         step = self.epoch + 1 if self.bias_correction == "epoch" else 0
-        with self._lock:  # one state, one writer: concurrent calls are serialised
-            return _ops.threshold_step(
-                sim, index.to(torch.int64), valid, self.lambdas, self.exp_avg, self.exp_avg_sq,
+        args = (sim, index.to(torch.int64), valid, self.lambdas, self.exp_avg, self.exp_avg_sq,
                 self.steps, self.alpha, self.lr, self.betas[0], self.betas[1], self.eps,
                 self.clamp[0], self.clamp[1], _OPTIMIZERS[self.optimizer], step, bool(update))
+        if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
+            return _ops.threshold_step(*args)
+        with self._lock:  # one state, one writer: concurrent calls on it are serialised
+            return _ops.threshold_step(*args)
 
     def forward(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
                 update: bool = True) -> Tensor:
@@ -186,6 +189,14 @@ class GloFND(nn.Module):
                              f"{self.num_samples}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the state; .double()/.half() must not change its float32 dtype
+        super()._apply(fn, recurse)
+        for name in ("lambdas", "exp_avg", "exp_avg_sq"):
+            if getattr(self, name).dtype != torch.float32:
+                setattr(self, name, getattr(self, name).float())
+        return self
 
     def get_extra_state(self):
         return {"epoch": self.epoch}
