@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import _ops
+from . import distributed as _dist
 from .reference import ADAM, SGD
 
 _OPTIMIZERS = {"adam": ADAM, "sgd": SGD}
@@ -86,6 +87,16 @@ class GloFND(nn.Module):
         bias_correction: ``"sample"`` (default): Adam's t is the per-sample update count t_i;
             ``"epoch"``: t = epoch + 1 as in the authors' code (set with :meth:`set_epoch`).
         clamp: the interval λ is kept in.
+        distributed: multi-process training on ``torch.distributed`` (see
+            :mod:`glofnd.distributed`): ``True`` or ``"replicated"`` keeps the whole state on
+            every process, ``"sharded"`` keeps index i on rank ``i % W`` (about N/W × 16 bytes per
+            process; the process group must be initialised before construction). Each process
+            passes its own rows; the result equals one process stepping on all processes' rows.
+            ``False`` (default), or no initialised group / one process: the ordinary path.
+        process_group: the group for ``distributed`` (None: the default group).
+        check_overwrite: in a multi-process run, check before each step that the entries this
+            module wrote last still hold its values, and raise a RuntimeError if another writer
+            (DDP's buffer broadcast) replaced them (SPEC section 8).
 
     Shapes: ``sim`` (R, M) cosines of R rows against M columns, any float dtype (float16 and
     bfloat16 are compared in float32); ``index`` (R,) integer data-set ids of the rows' anchors,
@@ -113,7 +124,9 @@ class GloFND(nn.Module):
     def __init__(self, num_samples: int, alpha: float = 0.01, lr: float = 0.05,
                  optimizer: str = "adam", betas: tuple[float, float] = (0.9, 0.98),
                  eps: float = 1e-8, init_lambda: float = 1.0, bias_correction: str = "sample",
-                 clamp: tuple[float, float] = (-1.0, 1.0)):
+                 clamp: tuple[float, float] = (-1.0, 1.0),
+                 distributed: Union[bool, str] = False, process_group=None,
+                 check_overwrite: bool = True):
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int):
             raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
@@ -142,10 +155,18 @@ class GloFND(nn.Module):
         self.bias_correction = bias_correction
         self.epoch = 0
         self._lock = threading.Lock()
-        self.register_buffer("lambdas", torch.full((num_samples,), init, dtype=torch.float32))
-        self.register_buffer("exp_avg", torch.zeros(num_samples, dtype=torch.float32))
-        self.register_buffer("exp_avg_sq", torch.zeros(num_samples, dtype=torch.float32))
-        self.register_buffer("steps", torch.zeros(num_samples, dtype=torch.int32))
+        self.distributed = _dist.resolve_mode(distributed)
+        self.process_group = process_group
+        self.check_overwrite = bool(check_overwrite)
+        self._last_write = None
+        size = num_samples
+        if self.distributed == "sharded":  # (rank, world size) fixed at construction
+            self.shard = _dist.world(process_group)
+            size = _dist.shard_size(num_samples, *self.shard)
+        self.register_buffer("lambdas", torch.full((size,), init, dtype=torch.float32))
+        self.register_buffer("exp_avg", torch.zeros(size, dtype=torch.float32))
+        self.register_buffer("exp_avg_sq", torch.zeros(size, dtype=torch.float32))
+        self.register_buffer("steps", torch.zeros(size, dtype=torch.int32))
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch used by ``bias_correction="epoch"`` (t = epoch + 1)."""
@@ -156,7 +177,13 @@ class GloFND(nn.Module):
     def step(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
              update: bool = True) -> tuple[Tensor, Tensor]:
         """Like :meth:`forward`, and also returns ``kept`` (R,) int64: the valid entries of each
-        row that are not false negatives. ``update=False`` masks with the current λ only."""
+        row that are not false negatives. ``update=False`` masks with the current λ only.
+
+        With ``distributed`` set and more than one process, the call is collective (with
+        ``update=True``, and always when sharded): every process calls it with its own rows."""
+        step = self.epoch + 1 if self.bias_correction == "epoch" else 0
+        if self._multi_process():
+            return _dist.step(self, sim, index, valid, bool(update), step)
         # the index range is checked by the op's kernels (C and reference), which keeps this
         # path free of data-dependent Python and traceable by torch.compile
         check_batch(sim, index, valid, self.num_samples, check_index=False)
@@ -166,14 +193,38 @@ class GloFND(nn.Module):
         sim = sim.detach()
         if sim.dtype not in (torch.float32, torch.float64):
             sim = sim.float()
-        step = self.epoch + 1 if self.bias_correction == "epoch" else 0
         args = (sim, index.to(torch.int64), valid, self.lambdas, self.exp_avg, self.exp_avg_sq,
                 self.steps, self.alpha, self.lr, self.betas[0], self.betas[1], self.eps,
                 self.clamp[0], self.clamp[1], _OPTIMIZERS[self.optimizer], step, bool(update))
         if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
             return _ops.threshold_step(*args)
+        if _dist.guard_active(self):  # multi-process run: was the state replaced since?
+            with self._lock:
+                message = _dist.check_unchanged(self)
+                if message is not None:
+                    raise RuntimeError(message)
+                out = _ops.threshold_step(*args)
+                if update:
+                    _dist.record_write(self, torch.unique(args[1]))
+                return out
         with self._lock:  # one state, one writer: concurrent calls on it are serialised
             return _ops.threshold_step(*args)
+
+    def _multi_process(self) -> bool:
+        if self.distributed is None:
+            return False
+        rank, size = _dist.world(self.process_group)
+        if self.distributed == "sharded" and (rank, size) != self.shard:
+            raise RuntimeError(f"this GloFND was sharded for rank {self.shard[0]} of world size "
+                               f"{self.shard[1]} at construction, but the process group is now "
+                               f"rank {rank} of {size}; build GloFND(distributed='sharded') after "
+                               "torch.distributed.init_process_group")
+        return size > 1
+
+    def mark_state_changed(self) -> None:
+        """Accepts the current state as this module's own after a deliberate change between
+        steps (the overwrite check of multi-process runs would otherwise report it)."""
+        _dist.forget_write(self)
 
     def forward(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
                 update: bool = True) -> Tensor:
@@ -182,6 +233,11 @@ class GloFND(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        _dist.forget_write(self)
+        if self.distributed == "sharded":
+            state_dict = _dist.load_shard(self, state_dict, prefix)
+        else:
+            _dist.check_not_shard(self, state_dict, prefix)
         key = prefix + "lambdas"
         if key in state_dict and state_dict[key].shape != self.lambdas.shape:
             raise ValueError(f"the checkpoint's GloFND state has num_samples="
@@ -193,12 +249,15 @@ class GloFND(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(device) moves the state; .double()/.half() must not change its float32 dtype
         super()._apply(fn, recurse)
+        _dist.forget_write(self)
         for name in ("lambdas", "exp_avg", "exp_avg_sq"):
             if getattr(self, name).dtype != torch.float32:
                 setattr(self, name, getattr(self, name).float())
         return self
 
     def get_extra_state(self):
+        if self.distributed == "sharded":
+            return {"epoch": self.epoch, "shard": _dist.shard_info(self)}
         return {"epoch": self.epoch}
 
     def set_extra_state(self, state) -> None:
@@ -207,12 +266,17 @@ class GloFND(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_lock", None)
+        state["_last_write"] = None
         return state
 
     def __setstate__(self, state):
+        for name, default in (("distributed", None), ("process_group", None),
+                              ("check_overwrite", True)):
+            state.setdefault(name, default)
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
     def extra_repr(self) -> str:
+        extra = "" if self.distributed is None else f", distributed={self.distributed!r}"
         return (f"num_samples={self.num_samples}, alpha={self.alpha}, lr={self.lr}, "
-                f"optimizer={self.optimizer!r}, bias_correction={self.bias_correction!r}")
+                f"optimizer={self.optimizer!r}, bias_correction={self.bias_correction!r}{extra}")

@@ -1,0 +1,422 @@
+r"""Multi-process GloFND on ``torch.distributed``: one state for all processes.
+
+Every process holds its own rows (its anchors) and calls the step; the result is the one that a
+single process would get on the concatenation of all processes' rows: each data-set index gets one
+pooled subgradient over all of its rows on all ranks and exactly one update per step, and every
+process sees the same thresholds. Two layouts of the state:
+
+``"replicated"`` (``GloFND(..., distributed=True)``): every process keeps the whole state (N,).
+    A step counts, per local row, the entries above the current λ and the valid entries
+    (:func:`glofnd.reference.row_counts`), pools them per distinct local index, all-gathers the
+    records ``(index, above, nvalid)`` (3 int64 = 24 bytes per distinct index of the global batch),
+    and every process applies :func:`glofnd.reference.pooled_update` to the same gathered records
+    in the same order: the same arithmetic gives the same bytes everywhere, no state is broadcast.
+    Local rows are then masked by the fused kernel with ``update=False``.
+
+``"sharded"`` (``GloFND(..., distributed="sharded")``): index i lives on rank ``i % W`` at local
+    slot ``i // W``; a process keeps about N/W × 16 bytes. A step is five ``all_to_all`` exchanges:
+    the counts per owner (W int64); the distinct local indices to their owners (8 bytes each),
+    their current λ back (4 bytes); the pooled counts ``(above, nvalid)`` to the owners (16
+    bytes), which update their slots, and the new λ back (4 bytes). Per distinct index of the
+    local batch a process sends and receives 32 bytes, whatever W is.
+
+Both give the same bytes as one process running the fused C step on the concatenated batch
+(the pooled update performs the kernel's float64 arithmetic in the kernel's order; the counts are
+integers). With one process, or without an initialised process group, GloFND takes its ordinary
+single-process path.
+
+Never keep the state in buffers that DDP broadcasts: with ``broadcast_buffers=True`` (DDP's
+default) a module registered inside the wrapped model has its buffers overwritten by rank 0's copy
+before every forward, and the other ranks' updates are lost (SPEC section 8). Keep the loss and its
+GloFND outside the wrapped model (or pass ``broadcast_buffers=False``). GloFND keeps the values it
+last wrote at the entries it touched and, in a multi-process run, checks them before the next step:
+a change raises a RuntimeError that names the cause (see :func:`check_unchanged`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _ops, reference
+
+MODES = ("replicated", "sharded")
+
+# codes sent in place of a size when a process cannot take part in a step
+_BAD_BATCH, _OVERWRITTEN = -1, -2
+
+
+def resolve_mode(distributed: Union[bool, str, None]) -> Optional[str]:
+    """``False``/``None`` -> None, ``True`` -> ``"replicated"``, or one of :data:`MODES`."""
+    if distributed is None or distributed is False:
+        return None
+    if distributed is True:
+        return "replicated"
+    if isinstance(distributed, str) and distributed in MODES:
+        return distributed
+    raise ValueError(f"distributed must be True, False, 'replicated' or 'sharded', "
+                     f"got {distributed!r}")
+
+
+def world(group=None) -> tuple[int, int]:
+    """``(rank, world_size)`` of ``group``; ``(0, 1)`` without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def shard_size(num_samples: int, rank: int, world_size: int) -> int:
+    """Number of indices i in [0, num_samples) with i % world_size == rank (rank's shard)."""
+    return max(0, (num_samples - rank + world_size - 1) // world_size)
+
+
+def init_from_env(backend: Optional[str] = None) -> tuple[int, int, int]:
+    """Initialises the default process group from torchrun's environment variables.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT`` through
+    the ``env://`` method). Without them, or with ``WORLD_SIZE=1``, nothing is initialised and
+    ``(0, 1, 0)`` is returned, so a script runs unchanged as one process. The backend defaults to
+    ``"nccl"`` when CUDA is available (and the process's GPU is set to ``LOCAL_RANK``), else
+    ``"gloo"``. Returns ``(rank, world_size, local_rank)``.
+
+    Example::
+
+        # torchrun --nproc-per-node 4 train.py
+        >>> rank, world_size, local_rank = init_from_env()
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if size <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, init_method="env://")
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+# ----------------------------------------------------------------------------------------------
+# Detection of state overwritten between steps (SPEC section 8)
+
+class _LastWrite:
+    """The values a GloFND wrote at the entries (local slots) it touched in its last step."""
+
+    __slots__ = ("lambdas", "steps", "slots", "lam_bits", "step_vals")
+
+    def __init__(self, fnd, slots: Tensor):
+        self.lambdas, self.steps, self.slots = fnd.lambdas, fnd.steps, slots
+        self.lam_bits = fnd.lambdas[slots].view(torch.int32).clone()
+        self.step_vals = fnd.steps[slots].clone()
+
+
+def guard_active(fnd) -> bool:
+    """Whether ``fnd`` records and checks its writes: in a multi-process run, unless
+    ``check_overwrite=False``, and never while traced by torch.compile."""
+    if not fnd.check_overwrite or torch.compiler.is_compiling():
+        return False
+    return world(fnd.process_group)[1] > 1
+
+
+def record_write(fnd, slots: Tensor) -> None:
+    """Remembers the values at ``slots`` (local, distinct) after a step of ``fnd``."""
+    fnd._last_write = _LastWrite(fnd, slots)
+
+
+def forget_write(fnd) -> None:
+    """Forgets the last write (after a deliberate change: a checkpoint load, a user edit)."""
+    fnd._last_write = None
+
+
+def check_unchanged(fnd) -> Optional[str]:
+    """None when the entries ``fnd`` last wrote still hold what it wrote, else a message.
+
+    Content that changed means another writer, typically DDP's buffer broadcast, replaced the
+    state between steps and this process's updates are lost. (A replicated state rewritten with
+    the same values by the broadcast loses nothing and is not reported; it only costs a copy of
+    the whole state per step.)"""
+    rec = fnd._last_write
+    if rec is None or rec.lambdas is not fnd.lambdas or rec.steps is not fnd.steps:
+        return None  # nothing written yet, or the buffers were replaced on purpose
+    same = (torch.equal(fnd.lambdas[rec.slots].view(torch.int32), rec.lam_bits)
+            and torch.equal(fnd.steps[rec.slots], rec.step_vals))
+    if not same:
+        return ("the GloFND state was overwritten between two steps: the entries this process "
+                "updated in its last step no longer hold the values it wrote, so its updates are "
+                "lost. The usual cause is a GloFND (or a loss holding one) registered inside a "
+                "DistributedDataParallel model that synchronises buffers (DDP's default, "
+                "broadcast_buffers=True, called forward_sync_buffers in recent PyTorch): DDP "
+                "replaces them with rank 0's copy before every forward. Keep the loss and its "
+                "GloFND outside the DDP-wrapped module (or turn the buffer sync off) and build "
+                "it with GloFND(..., distributed=True) or distributed='sharded'. If you changed "
+                "the state on purpose, call fnd.mark_state_changed() afterwards.")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+def _hyper(fnd, step: int) -> tuple:
+    return (fnd.alpha, fnd.lr, fnd.betas[0], fnd.betas[1], fnd.eps, fnd.clamp[0], fnd.clamp[1],
+            _optimizer(fnd), step)
+
+
+def _optimizer(fnd) -> int:
+    return reference.ADAM if fnd.optimizer == "adam" else reference.SGD
+
+
+def _pool(index: Tensor, above: Tensor, nvalid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sums the counts of rows sharing an index: (distinct indices sorted, above, nvalid)."""
+    uniq, inv = torch.unique(index, return_inverse=True)
+    a = torch.zeros(uniq.shape, dtype=torch.int64, device=index.device).index_add_(0, inv, above)
+    v = torch.zeros_like(a).index_add_(0, inv, nvalid)
+    return uniq, a, v
+
+
+def _raise_if_any(codes: Tensor, own: Optional[BaseException], own_msg: Optional[str],
+                  rank: int) -> None:
+    """Raises on every process when any process reported a bad batch or an overwritten state."""
+    bad = (codes < 0).nonzero().flatten().tolist()
+    if not bad:
+        return
+    if own is not None:
+        raise own
+    if own_msg is not None:
+        raise RuntimeError(own_msg)
+    what = {_BAD_BATCH: "an invalid batch", _OVERWRITTEN: "an overwritten GloFND state"}
+    k = bad[0]
+    raise RuntimeError(f"rank {k} reported {what.get(int(codes[k]), 'an error')} to this "
+                       f"GloFND step (rank {rank} took no step; see rank {k}'s error)")
+
+
+def _all_gather_rows(rows: Tensor, code: int, group) -> tuple[Tensor, Tensor]:
+    """All-gathers 2-D ``rows`` of varying length: sizes first (or a negative code), then the
+    rows padded to the longest. Returns (codes (W,), concatenated rows in rank order)."""
+    w = dist.get_world_size(group)
+    mine = torch.tensor([code], dtype=torch.int64, device=rows.device)
+    sizes = [torch.empty_like(mine) for _ in range(w)]
+    dist.all_gather(sizes, mine, group=group)
+    codes = torch.cat(sizes)
+    if bool((codes < 0).any()):
+        return codes, rows[:0]
+    longest = int(codes.max())
+    padded = rows.new_zeros((longest,) + tuple(rows.shape[1:]))
+    padded[:rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded, group=group)
+    return codes, torch.cat([p[:int(n)] for p, n in zip(parts, codes.tolist())])
+
+
+def _exchange(send: Tensor, send_counts: list[int], recv_counts: list[int], group) -> Tensor:
+    """all_to_all of the rows of ``send`` (grouped by destination rank) with uneven splits."""
+    out = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
+    dist.all_to_all_single(out, send.contiguous(), output_split_sizes=recv_counts,
+                           input_split_sizes=send_counts, group=group)
+    return out
+
+
+def _validate(fnd, sim, index, valid) -> Optional[BaseException]:
+    from .state import check_batch  # state imports this module
+    try:
+        check_batch(sim, index, valid, fnd.num_samples, check_index=True)
+        if sim.device != fnd.lambdas.device:
+            raise ValueError(f"sim is on {sim.device} but the state is on "
+                             f"{fnd.lambdas.device}; move the module with .to(device)")
+    except (TypeError, ValueError, IndexError) as err:
+        return err
+    return None
+
+
+def _prepare(sim: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    sim = sim.detach()
+    if sim.dtype not in (torch.float32, torch.float64):
+        sim = sim.float()
+    return sim, index.to(torch.int64)
+
+
+def _moments(fnd) -> tuple[Tensor, Tensor, Tensor]:
+    return fnd.exp_avg, fnd.exp_avg_sq, fnd.steps
+
+
+def _mask(sim: Tensor, index: Tensor, valid: Optional[Tensor], lambdas: Tensor,
+          fnd, state: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
+    """(mask, kept) against ``lambdas[index]`` through the fused op with update=False (which
+    reads λ only; ``state`` supplies the other tensors the op takes, else zeros)."""
+    if state is None:
+        zeros = torch.zeros(lambdas.shape, dtype=torch.float32, device=lambdas.device)
+        state = (zeros, zeros, torch.zeros(lambdas.shape, dtype=torch.int32,
+                                           device=lambdas.device))
+    return _ops.threshold_step(sim, index, valid, lambdas, *state, *_hyper(fnd, 0), False)
+
+
+@torch.compiler.disable
+def step(fnd, sim: Tensor, index: Tensor, valid: Optional[Tensor], update: bool,
+         epoch_step: int) -> tuple[Tensor, Tensor]:
+    """One multi-process step of ``fnd`` (a GloFND built with ``distributed=``); collective.
+
+    ``sim`` (R, M), ``index`` (R,), ``valid`` (R, M) or None are this process's rows (R may differ
+    between processes). Returns this process's ``(mask, kept)``. Every process of the group must
+    call it, in the same order; an invalid batch or an overwritten state on any process raises on
+    every process (with the real error on the process that had it) instead of leaving the others
+    waiting."""
+    err = _validate(fnd, sim, index, valid)
+    if err is None:
+        sim, index = _prepare(sim, index)
+    if fnd.distributed == "sharded":
+        return _sharded(fnd, sim, index, valid, update, epoch_step, err)
+    return _replicated(fnd, sim, index, valid, update, epoch_step, err)
+
+
+def _guard_message(fnd) -> Optional[str]:
+    return check_unchanged(fnd) if guard_active(fnd) else None
+
+
+def _replicated(fnd, sim, index, valid, update, epoch_step, err):
+    group = fnd.process_group
+    rank = dist.get_rank(group)
+    with fnd._lock:
+        overwritten = _guard_message(fnd) if err is None else None
+        if not update:  # λ is the same everywhere: masking needs no communication
+            if err is not None:
+                raise err
+            if overwritten is not None:
+                raise RuntimeError(overwritten)
+            return _mask(sim, index, valid, fnd.lambdas, fnd, _moments(fnd))
+        if err is None and overwritten is None:
+            above, nvalid = reference.row_counts(sim, index, valid, fnd.lambdas)
+            records = torch.stack(_pool(index, above, nvalid), dim=1)
+            code = records.shape[0]
+        else:
+            records = torch.zeros((0, 3), dtype=torch.int64, device=fnd.lambdas.device)
+            code = _BAD_BATCH if err is not None else _OVERWRITTEN
+        codes, every = _all_gather_rows(records, code, group)
+        _raise_if_any(codes, err, overwritten, rank)
+        reference.pooled_update(every[:, 0], every[:, 1], every[:, 2], fnd.lambdas, fnd.exp_avg,
+                                fnd.exp_avg_sq, fnd.steps, *_hyper(fnd, epoch_step))
+        out = _mask(sim, index, valid, fnd.lambdas, fnd, _moments(fnd))
+        if guard_active(fnd):
+            record_write(fnd, torch.unique(every[:, 0]))
+        return out
+
+
+def _sharded(fnd, sim, index, valid, update, epoch_step, err):
+    group = fnd.process_group
+    rank, w = fnd.shard
+    dev = fnd.lambdas.device
+    with fnd._lock:
+        overwritten = _guard_message(fnd) if err is None else None
+        if err is None and overwritten is None:
+            uniq, inv = torch.unique(index, return_inverse=True)
+            owner = uniq % w
+            order = torch.argsort(owner, stable=True)
+            request = uniq[order]
+            counts = torch.bincount(owner, minlength=w)
+        else:
+            request = torch.zeros(0, dtype=torch.int64, device=dev)
+            counts = torch.full((w,), _BAD_BATCH if err is not None else _OVERWRITTEN,
+                                dtype=torch.int64, device=dev)
+        incoming = torch.empty_like(counts)
+        dist.all_to_all_single(incoming, counts, group=group)
+        _raise_if_any(incoming, err, overwritten, rank)
+        send_n, recv_n = counts.tolist(), incoming.tolist()
+        slots = _exchange(request, send_n, recv_n, group) // w   # owner side: requested slots
+        lam_u = torch.empty(uniq.shape, dtype=torch.float32, device=dev)
+        if update:
+            lam_u[order] = _exchange(fnd.lambdas[slots], recv_n, send_n, group)
+            above, nvalid = reference.row_counts(sim, inv, valid, lam_u)
+            _, a, v = _pool(inv, above, nvalid)
+            pooled = torch.stack([a, v], dim=1)[order]
+            got = _exchange(pooled, send_n, recv_n, group)
+            reference.pooled_update(slots, got[:, 0], got[:, 1], fnd.lambdas, fnd.exp_avg,
+                                    fnd.exp_avg_sq, fnd.steps, *_hyper(fnd, epoch_step))
+            if guard_active(fnd):
+                record_write(fnd, torch.unique(slots))
+        lam_u[order] = _exchange(fnd.lambdas[slots], recv_n, send_n, group)
+        return _mask(sim, inv, valid, lam_u, fnd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints of sharded states
+
+def shard_info(fnd) -> dict:
+    """What a sharded checkpoint records about its layout."""
+    rank, w = fnd.shard
+    return {"rank": rank, "world_size": w, "num_samples": fnd.num_samples}
+
+
+def load_shard(fnd, state_dict: dict, prefix: str) -> dict:
+    """Checks a checkpoint against a sharded ``fnd`` and returns the entries to load.
+
+    A shard saved by the same rank of the same world size with the same num_samples loads as is;
+    a full (single-process or replicated) state loads by taking this rank's slice ``[rank::W]``.
+    Anything else raises ValueError before any state is changed."""
+    rank, w = fnd.shard
+    extra = state_dict.get(prefix + "_extra_state")
+    saved = extra.get("shard") if isinstance(extra, dict) else None
+    key = prefix + "lambdas"
+    out = dict(state_dict)
+    if saved is not None:
+        if saved["num_samples"] != fnd.num_samples:
+            raise ValueError(f"the checkpoint's GloFND shard has num_samples="
+                             f"{saved['num_samples']}, this module has num_samples="
+                             f"{fnd.num_samples}")
+        if saved["world_size"] != w:
+            raise ValueError(f"the checkpoint's GloFND shard was saved with world size "
+                             f"{saved['world_size']}, this process group has world size {w}; "
+                             "a sharded state reloads into the same world size only (save "
+                             "glofnd.distributed.gather_full_state(fnd) to change it)")
+        if saved["rank"] != rank:
+            raise ValueError(f"the checkpoint holds rank {saved['rank']}'s GloFND shard, "
+                             f"this is rank {rank}: each process loads its own shard")
+        return out
+    if key in state_dict:
+        n = state_dict[key].shape[0]
+        if n != fnd.num_samples:
+            raise ValueError(f"the checkpoint's GloFND state has num_samples={n}, this module "
+                             f"has num_samples={fnd.num_samples}")
+        for name in ("lambdas", "exp_avg", "exp_avg_sq", "steps"):
+            if prefix + name in state_dict:
+                out[prefix + name] = state_dict[prefix + name][rank::w]
+    return out
+
+
+def check_not_shard(fnd, state_dict: dict, prefix: str) -> None:
+    """A non-sharded module refuses a shard of a sharded state with a clear message."""
+    extra = state_dict.get(prefix + "_extra_state")
+    saved = extra.get("shard") if isinstance(extra, dict) else None
+    if saved is not None and saved["world_size"] > 1:
+        raise ValueError(f"the checkpoint holds one shard (rank {saved['rank']} of world size "
+                         f"{saved['world_size']}) of a sharded GloFND state; load it into "
+                         "GloFND(..., distributed='sharded') with the same world size, or save "
+                         "glofnd.distributed.gather_full_state(fnd) instead")
+
+
+@torch.compiler.disable
+def gather_full_state(fnd) -> dict[str, Tensor]:
+    """The whole state (N,) of a sharded ``fnd``, assembled on every process (collective).
+
+    Returns ``{"lambdas", "exp_avg", "exp_avg_sq", "steps"}``; it loads into a GloFND of any world
+    size and layout. Needs N × 16 bytes on every process. For a non-sharded module, returns
+    its own buffers (cloned)."""
+    names = ("lambdas", "exp_avg", "exp_avg_sq", "steps")
+    if fnd.distributed != "sharded" or fnd.shard[1] == 1:
+        return {k: getattr(fnd, k).clone() for k in names}
+    rank, w = fnd.shard
+    n = fnd.num_samples
+    longest = shard_size(n, 0, w)
+    out = {}
+    for k in names:
+        local = getattr(fnd, k)
+        padded = local.new_zeros(longest)
+        padded[:local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(w)]
+        dist.all_gather(parts, padded, group=fnd.process_group)
+        full = local.new_empty(n)
+        for r, p in enumerate(parts):
+            full[r::w] = p[:shard_size(n, r, w)]
+        out[k] = full
+    return out
