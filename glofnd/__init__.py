@@ -5,7 +5,9 @@ pure-torch path, with the same semantics).
 """
 from ._ops import implementation
 from .state import GloFND
+from .losses import GloFNDClipLoss, GloFNDLoss
+from . import functional
 from .numpy_api import threshold_step
 
-__all__ = ["GloFND", "implementation", "threshold_step"]
+__all__ = ["GloFND", "GloFNDClipLoss", "GloFNDLoss", "functional", "implementation", "threshold_step"]
 __version__ = "0.1.0"
