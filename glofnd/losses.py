@@ -136,16 +136,29 @@ class _Detector(nn.Module):
                              f"({start_update}): the mask uses the learned λ")
         self.state_on_cpu = bool(state_on_cpu)
         self.epoch = 0
-        self.check_index = True
+        self._check_index = True
         self._fnd_kwargs = dict(fnd_kwargs, alpha=alpha, lr=lr)
         self._stats: dict[str, Tensor] = {}
 
     def _new_fnd(self) -> Optional[GloFND]:
-        if self.method == "glofnd":
-            return GloFND(self.num_samples, **self._fnd_kwargs)
-        if self.method == "single":
-            return GloFND(1, **self._fnd_kwargs)
-        return None
+        if self.method not in ("glofnd", "single"):
+            return None
+        fnd = GloFND(self.num_samples if self.method == "glofnd" else 1, **self._fnd_kwargs)
+        fnd.check_index = self._check_index
+        return fnd
+
+    @property
+    def check_index(self) -> bool:
+        """Whether each call checks 0 <= index < num_samples (default True). The check reads the
+        index's min and max: a host sync on accelerators and a graph break under torch.compile.
+        Set it to False when the data pipeline guarantees the range."""
+        return self._check_index
+
+    @check_index.setter
+    def check_index(self, value: bool) -> None:
+        self._check_index = bool(value)
+        for fnd in self._fnds():
+            fnd.check_index = self._check_index
 
     def _fnds(self) -> list[GloFND]:
         return [m for m in self.children() if isinstance(m, GloFND)]

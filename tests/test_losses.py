@@ -521,6 +521,8 @@ def test_state_dict_resumes_bit_identically(cls, base, backend):
 def test_compile_gives_the_same_values():
     eager = glofnd.GloFNDLoss(20, base="sogclr", alpha=0.2, init_lambda=0.3)
     compiled_state = copy.deepcopy(eager)
+    compiled_state.check_index = False  # no host read of the index: fewer graph breaks
+    assert compiled_state.fnd.check_index is False
     compiled = torch.compile(compiled_state, backend="aot_eager")
     for s in range(3):
         z0, z1, index, _ = batch(s, dtype=torch.float32)
