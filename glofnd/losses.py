@@ -264,6 +264,16 @@ class _Detector(nn.Module):
             return out if out.dtype == t.dtype else t.to(out.device)
         return super()._apply(keep_state, recurse)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name, buf in self._buffers.items():
+            saved = state_dict.get(prefix + name)
+            if buf is not None and saved is not None and saved.shape != buf.shape:
+                raise ValueError(f"the checkpoint's {name} has num_samples={saved.shape[0]}, "
+                                 f"this loss has num_samples={self.num_samples}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def get_extra_state(self):
         return {"epoch": self.epoch}
 

@@ -518,6 +518,13 @@ def test_state_dict_resumes_bit_identically(cls, base, backend):
             assert torch.equal(x, y), k
 
 
+@pytest.mark.parametrize("method", ["glofnd", "fnc"])
+def test_loading_another_size_is_an_error(method):
+    small = glofnd.GloFNDClipLoss(10, base="sogclr", method=method)
+    with pytest.raises(ValueError, match="num_samples"):
+        glofnd.GloFNDClipLoss(20, base="sogclr", method=method).load_state_dict(small.state_dict())
+
+
 def test_compile_gives_the_same_values():
     eager = glofnd.GloFNDLoss(20, base="sogclr", alpha=0.2, init_lambda=0.3)
     compiled_state = copy.deepcopy(eager)
@@ -530,6 +537,29 @@ def test_compile_gives_the_same_values():
                                    rtol=1e-6, atol=1e-6)
     assert torch.equal(compiled_state.fnd.lambdas, eager.fnd.lambdas)
     torch.testing.assert_close(compiled_state.u, eager.u, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("base", ["simclr", "sogclr"])
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_order_does_not_matter(base, method):
+    a = make(glofnd.GloFNDLoss, method, base)
+    b = copy.deepcopy(a)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    for step in range(2):
+        z0, z1, index, labels = batch(step)
+        va = a(z0, z1, index, labels)
+        vb = b(z0[perm], z1[perm], index[perm], labels[perm])
+        torch.testing.assert_close(va, vb, rtol=1e-12, atol=1e-12)
+        for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            if isinstance(x, torch.Tensor):
+                assert torch.equal(x, y), k
+
+
+def test_state_on_cpu_pins_the_state():
+    loss = glofnd.GloFNDClipLoss(20, base="sogclr", state_on_cpu=True).to("meta")
+    assert loss.fnd_image.lambdas.device.type == "cpu" and loss.u_text.device.type == "cpu"
+    loss = glofnd.GloFNDLoss(20).to("meta")
+    assert loss.fnd.lambdas.device.type == "meta"
 
 
 # ---------------------------------------------------------------- errors
