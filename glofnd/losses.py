@@ -109,8 +109,6 @@ def gathered_step(fnd: GloFND, sim: Tensor, index: Tensor, valid: Optional[Tenso
 class _Detector(nn.Module):
     """Shared machinery: method, schedule, state placement, diagnostics."""
 
-    _state_names: tuple[str, ...] = ()
-
     def __init__(self, num_samples: int, alpha: float, lr: float, method: str, base: str,
                  bases: tuple[str, ...], gamma: float, start_update: int, start_mask: int,
                  state_on_cpu: bool, fnd_kwargs: dict):
@@ -163,6 +161,9 @@ class _Detector(nn.Module):
     def _fnds(self) -> list[GloFND]:
         return [m for m in self.children() if isinstance(m, GloFND)]
 
+    # In eval mode (``loss.eval()``, e.g. a validation loop) the state is read but not written:
+    # masks use the current λ and u is not moved, so that held-out indices leave it untouched.
+
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch of the schedule: λ is learned from ``start_update`` and masks apply
         from ``start_mask`` on (before that the loss is exactly the base loss). Also sets the
@@ -199,7 +200,7 @@ class _Detector(nn.Module):
         if method == "none":
             return None, None, None
         if method in ("glofnd", "single"):
-            update = self.epoch >= self.start_update
+            update = self.training and self.epoch >= self.start_update
             if not (update or mask_on):
                 return None, None, None
             ids = index if method == "glofnd" else torch.zeros_like(index)
@@ -237,7 +238,7 @@ class _Detector(nn.Module):
         r"""SogCLR moving average (SPEC 5b): per row u_r = (1−γ)u_i + γ ĝ_r (ĝ_r as is where u_i
         is 0); u_i ← the mean of u_r over the rows of index i that have kept negatives. Only the
         batch's entries are read or written (gathered from and scattered to the state's device).
-        Returns log u_r (R,) in the dtype of ``log_g``."""
+        Returns log u_r (R,) in the dtype of ``log_g``. In eval mode u is read, not written."""
         home = u.device
         uniq, inv = torch.unique(index, return_inverse=True)
         at = uniq.to(home)
@@ -252,7 +253,8 @@ class _Detector(nn.Module):
         count.index_add_(0, inv, has.to(new.dtype))
         stored = u[at].to(device=new.device, dtype=new.dtype)
         stored = torch.where(count > 0, total / count.clamp(min=1), stored)
-        u[at] = stored.to(device=home, dtype=u.dtype)
+        if self.training:
+            u[at] = stored.to(device=home, dtype=u.dtype)
         return torch.where(has & (new > 0), torch.log(new), torch.zeros_like(new))
 
     def _apply(self, fn, recurse=True):
@@ -336,7 +338,7 @@ class GloFNDLoss(_Detector):
     State: ``fnd`` (:class:`GloFND`, or None for fnc/oracle/none; size 1 for single), ``u``
     (sogclr), ``epoch``; all in ``state_dict``. CPU tensors run λ's step in the C kernel, other
     devices the reference on their own device (the module must be on that device, or use
-    ``state_on_cpu``). Deterministic on the CPU.
+    ``state_on_cpu``). In eval mode the state is read, not written. Deterministic on the CPU.
 
     Example::
 

@@ -90,7 +90,8 @@ def ref_sogclr_rows(sim, pos_sim, valid, removed, ids, u, tau, gamma, positive_l
             g = sum(math.exp(float(sim[r, j].detach()) / tau) for j in kept) / len(kept)
             ur = g if old == 0 else (1 - gamma) * old + gamma * g
             u_rows.setdefault(i, []).append(ur)
-            term = sum(math.exp(float(sim[r, j].detach()) / tau) / ur * sim[r, j] for j in kept) / len(kept)
+            weights = [math.exp(float(sim[r, j].detach()) / tau) / ur for j in kept]
+            term = sum(w * sim[r, j] for w, j in zip(weights, kept)) / len(kept)
         else:
             term = 0.0 * sim[r, 0]
         losses.append(-pos_sim[r] + term)
@@ -553,6 +554,30 @@ def test_batch_order_does_not_matter(base, method):
         for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
             if isinstance(x, torch.Tensor):
                 assert torch.equal(x, y), k
+
+
+@pytest.mark.parametrize("base", ["simclr", "sogclr"])
+def test_eval_mode_reads_but_does_not_write_the_state(base):
+    loss = make(glofnd.GloFNDLoss, "glofnd", base)
+    loss(*batch(0))
+    before = copy.deepcopy(loss.state_dict())
+    z0, z1, index, labels = batch(1)
+    value = loss.eval()(z0, z1, index, labels)
+    for k, v in before.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, loss.state_dict()[k]), k
+    sim, pos, valid = simclr_layout(z0, z1)
+    ids = torch.cat([index, index])
+    removed = expected_removed(loss, sim, valid, ids, None, loss.fnd)  # the current λ
+    assert removed.any()
+    if base == "simclr":
+        torch.testing.assert_close(value, ref_simclr(z0, z1, TAU, removed))
+    else:
+        pos_sim = torch.stack([sim[r, pos[r]] for r in range(len(pos))])
+        rows, _ = ref_sogclr_rows(sim, pos_sim, valid, removed, ids, loss.u.double(), TAU, 0.9)
+        torch.testing.assert_close(value, rows.mean())
+    loss.train()(z0, z1, index, labels)
+    assert not torch.equal(before["fnd.lambdas"], loss.fnd.lambdas)
 
 
 def test_state_on_cpu_pins_the_state():
