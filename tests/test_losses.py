@@ -458,6 +458,25 @@ def test_c_and_reference_backends_agree_bitwise(base, monkeypatch):
             assert torch.equal(out[0][1][k], out[1][1][k]), k
 
 
+def test_cpu_tensors_go_through_the_c_kernel(monkeypatch):
+    if _ops.implementation != "c":
+        pytest.skip("C extension not built")
+    calls = []
+
+    class Counting:
+        @staticmethod
+        def step(*args, **kwargs):
+            calls.append(args[0].shape)
+            return real(*args, **kwargs)
+
+    real = _ops._C.step
+    monkeypatch.setattr(_ops, "_C", Counting)
+    clip = glofnd.GloFNDClipLoss(20)
+    img, txt, index, _ = batch(0, dtype=torch.float32)
+    clip(img, txt, SCALE, index)
+    assert calls == [(B, B), (B, B)]  # one step per direction
+
+
 def test_gathered_step_equals_step(backend):
     a = glofnd.GloFND(30, alpha=0.2)
     b = copy.deepcopy(a)
