@@ -5,7 +5,10 @@ pure-torch path, with the same semantics).
 """
 from ._ops import implementation, use_backend
 from .state import GloFND
+from .losses import GloFNDClipLoss, GloFNDLoss
+from . import functional
 from .numpy_api import threshold_step
 
-__all__ = ["GloFND", "implementation", "threshold_step", "use_backend"]
+__all__ = ["GloFND", "GloFNDClipLoss", "GloFNDLoss", "functional", "implementation",
+           "threshold_step", "use_backend"]
 __version__ = "0.1.0"

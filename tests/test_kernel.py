@@ -262,3 +262,26 @@ def test_grouped_rows_pool_one_gradient(backend, rows, cols):
     op_step(sim.reshape(1, -1), torch.tensor([2]), None, b)
     for k in STATE_KEYS:
         assert torch.equal(a[k], b[k]), k
+
+
+@needs_c
+def test_binding_leaks_no_references():
+    """Every argument's reference count is unchanged after many calls (success and failure)."""
+    import sys
+
+    rng = np.random.default_rng(13)
+    sim = rng.uniform(-1, 1, (9, 5)).astype(np.float32)
+    sim_t = sim.T.copy().T  # non-contiguous view
+    index = rng.integers(0, 4, 9)
+    valid = rng.random((9, 5)) > 0.3
+    st = glofnd.numpy_api.init_state(4)
+    objs = [sim, sim_t, index, valid, *st.values()]
+    before = [sys.getrefcount(o) for o in objs]
+    for _ in range(200):
+        glofnd.threshold_step(sim, index, st, valid, num_threads=1)
+        glofnd.threshold_step(sim_t, index, st, valid, num_threads=1)
+        with pytest.raises(IndexError):
+            glofnd.threshold_step(sim, index + 10, st, valid)
+        with pytest.raises(ValueError):
+            glofnd.threshold_step(sim, index, st, valid[:, :2])
+    assert [sys.getrefcount(o) for o in objs] == before

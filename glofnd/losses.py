@@ -1,0 +1,531 @@
+r"""Contrastive losses with false negatives removed: SimCLR/SogCLR and CLIP (SPEC sections 5-7).
+
+Both modules keep rows (the anchors of this process) and columns (the candidates they are compared
+with) apart: the similarity matrix is ``rows @ columns.T`` with the positive of each row given by
+its column. The masks come from one of five methods:
+
+========  ====================================================================================
+glofnd    learned per-sample threshold λ_i (:class:`glofnd.GloFND`), strict ``s > λ_i``
+fnc       per-anchor (1−α)-quantile of its negatives in the current batch (no state)
+single    one learned λ shared by all anchors (a :class:`glofnd.GloFND` of size 1)
+oracle    negatives with the anchor's class label (needs ``labels``; for evaluation)
+none      the base loss
+========  ====================================================================================
+
+Removed negatives leave the denominator and the kept ones are rescaled to the original count.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _ops
+from . import functional as Fn
+from .state import _OPTIMIZERS, GloFND, _check_real, check_batch
+
+BASES = ("simclr", "sogclr")
+CLIP_BASES = ("clip", "sogclr")
+METHODS = ("glofnd", "fnc", "single", "oracle", "none")
+
+
+def _check_epoch(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_features(name: str, x, other_name: Optional[str] = None,
+                    other: Optional[Tensor] = None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D tensor (batch, dim), "
+                         f"got shape {tuple(x.shape)}")
+    if other is not None:
+        if x.shape != other.shape:
+            raise ValueError(f"{name} must have the shape of {other_name} {tuple(other.shape)}, "
+                             f"got {tuple(x.shape)}")
+        if x.device != other.device:
+            raise ValueError(f"{name} is on {x.device} but {other_name} is on {other.device}")
+
+
+def _check_ids(name: str, x, batch: int, device: torch.device, num_samples: Optional[int]) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+    if x.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one per sample of the batch), "
+                         f"got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the features are on {device}")
+    if num_samples is not None:
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= num_samples:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"{name} holds {bad}, outside [0, num_samples={num_samples})")
+
+
+def gathered_step(fnd: GloFND, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
+                  update: bool = True) -> tuple[Tensor, Tensor]:
+    """``fnd.step`` for a state kept on another device (the CPU) than ``sim``.
+
+    Gathers the state entries of the batch's unique indices, runs the threshold step on
+    ``sim``'s device (the reference there, the C kernel on the CPU) and scatters them back: only
+    O(batch) state crosses devices. Returns ``(mask, lam)`` with ``lam`` (R,) the rows' new λ.
+    Same semantics and, on the CPU, the same bytes as ``fnd.step``.
+    """
+    check_batch(sim, index, valid, fnd.num_samples)
+    home, dev = fnd.lambdas.device, sim.device
+    uniq, inv = torch.unique(index.to(torch.int64), return_inverse=True)
+    at = uniq.to(home)
+    lam = fnd.lambdas[at].to(dev)
+    m1 = fnd.exp_avg[at].to(dev)
+    m2 = fnd.exp_avg_sq[at].to(dev)
+    steps = fnd.steps[at].to(dev)
+    sim = sim.detach()
+    if sim.dtype not in (torch.float32, torch.float64):
+        sim = sim.float()
+    step = fnd.epoch + 1 if fnd.bias_correction == "epoch" else 0
+    with fnd._lock:
+        mask, _ = _ops.threshold_step(
+            sim, inv, valid, lam, m1, m2, steps, fnd.alpha, fnd.lr, fnd.betas[0], fnd.betas[1],
+            fnd.eps, fnd.clamp[0], fnd.clamp[1], _OPTIMIZERS[fnd.optimizer], step, bool(update))
+        if update:
+            fnd.lambdas[at] = lam.to(home)
+            fnd.exp_avg[at] = m1.to(home)
+            fnd.exp_avg_sq[at] = m2.to(home)
+            fnd.steps[at] = steps.to(home)
+    return mask, lam[inv]
+
+
+class _Detector(nn.Module):
+    """Shared machinery: method, schedule, state placement, diagnostics."""
+
+    def __init__(self, num_samples: int, alpha: float, lr: float, method: str, base: str,
+                 bases: tuple[str, ...], gamma: float, start_update: int, start_mask: int,
+                 state_on_cpu: bool, fnd_kwargs: dict):
+        super().__init__()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+            raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be > 0, got {num_samples}")
+        if base not in bases:
+            raise ValueError(f"base must be one of {bases}, got {base!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.num_samples = num_samples
+        self.alpha = _check_real("alpha", alpha, 0.0, 1.0, True, True)
+        _check_real("lr", lr, 0.0, math.inf, False, True)
+        self.gamma = _check_real("gamma", gamma, 0.0, 1.0, True, False)
+        self.base = base
+        self.method = method
+        self.start_update = _check_epoch("start_update", start_update)
+        self.start_mask = _check_epoch("start_mask", start_mask)
+        if method in ("glofnd", "single") and start_mask < start_update:
+            raise ValueError(f"start_mask ({start_mask}) must be >= start_update "
+                             f"({start_update}): the mask uses the learned λ")
+        self.state_on_cpu = bool(state_on_cpu)
+        self.epoch = 0
+        self._check_index = True
+        self._fnd_kwargs = dict(fnd_kwargs, alpha=alpha, lr=lr)
+        self._stats: dict[str, Tensor] = {}
+
+    def _new_fnd(self) -> Optional[GloFND]:
+        if self.method not in ("glofnd", "single"):
+            return None
+        return GloFND(self.num_samples if self.method == "glofnd" else 1, **self._fnd_kwargs)
+
+    @property
+    def check_index(self) -> bool:
+        """Whether each call checks 0 <= index < num_samples (default True). The check reads the
+        index's min and max: a host sync on accelerators and a graph break under torch.compile.
+        Set it to False when the data pipeline guarantees the range."""
+        return self._check_index
+
+    @check_index.setter
+    def check_index(self, value: bool) -> None:
+        self._check_index = bool(value)
+
+    def _fnds(self) -> list[GloFND]:
+        return [m for m in self.children() if isinstance(m, GloFND)]
+
+    # In eval mode (``loss.eval()``, e.g. a validation loop) the state is read but not written:
+    # masks use the current λ and u is not moved, so that held-out indices leave it untouched.
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch of the schedule: λ is learned from ``start_update`` and masks apply
+        from ``start_mask`` on (before that the loss is exactly the base loss). Also sets the
+        epoch of Adam's bias correction when ``bias_correction="epoch"``."""
+        _check_epoch("epoch", epoch)
+        for fnd in self._fnds():
+            fnd.set_epoch(epoch)
+        self.epoch = epoch
+
+    @property
+    def masking(self) -> bool:
+        """Whether masks are applied at the current epoch."""
+        return self.method != "none" and self.epoch >= self.start_mask
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Diagnostics of the last call, as floats (NaN where undefined):
+
+        ``masking`` (1.0 when masks were applied), ``removed`` (share of the valid negatives
+        removed from the loss), ``flagged`` (share flagged by the method, also while λ is learned
+        but not yet applied), ``lambda_mean/min/max`` (the batch's λ, or the fnc thresholds),
+        and with labels ``precision``, ``recall``, ``f1`` of the flagged negatives against the
+        same-label negatives (per-row averages, F1 of the averages; SPEC 7). CLIP losses add
+        ``image_``/``text_`` prefixed values per direction."""
+        return {k: float(v) for k, v in self._stats.items()}
+
+    def _detect(self, fnd: Optional[GloFND], sim: Tensor, index: Tensor, valid: Tensor,
+                row_labels: Optional[Tensor], col_labels: Optional[Tensor]
+                ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """Returns (removed, flagged, thresholds): the mask applied to the loss (None before
+        ``start_mask``), the mask the method produced (None if it did not run) and the rows'
+        thresholds (None if none)."""
+        method, mask_on = self.method, self.masking
+        if method == "none":
+            return None, None, None
+        if method in ("glofnd", "single"):
+            update = self.training and self.epoch >= self.start_update
+            if not (update or mask_on):
+                return None, None, None
+            ids = index if method == "glofnd" else torch.zeros_like(index)
+            if self.state_on_cpu and sim.device != fnd.lambdas.device:
+                flagged, thr = gathered_step(fnd, sim, ids, valid, update)
+            else:
+                flagged, _ = fnd.step(sim, ids, valid, update)
+                thr = fnd.lambdas[ids]
+        elif not mask_on:
+            return None, None, None
+        elif method == "fnc":
+            flagged, thr = Fn.fnc_mask(sim, valid, self.alpha)
+        else:
+            flagged, thr = Fn.label_mask(row_labels, col_labels, valid), None
+        return (flagged if mask_on else None), flagged, thr
+
+    def _record(self, prefix: str, valid: Tensor, removed: Optional[Tensor],
+                flagged: Optional[Tensor], thr: Optional[Tensor],
+                truth: Optional[Tensor]) -> None:
+        stats = self._stats
+        n = valid.sum().clamp(min=1).double()
+        zero = torch.zeros((), dtype=torch.float64, device=valid.device)
+        stats[prefix + "removed"] = zero if removed is None else removed.sum().double() / n
+        stats[prefix + "flagged"] = zero if flagged is None else flagged.sum().double() / n
+        if thr is not None:
+            thr = thr.detach().double()
+            stats[prefix + "lambda_mean"] = thr.nanmean()
+            stats[prefix + "lambda_min"] = thr.nan_to_num(math.inf).min()
+            stats[prefix + "lambda_max"] = thr.nan_to_num(-math.inf).max()
+        if truth is not None and flagged is not None:
+            for k, v in Fn.fn_scores(flagged, truth).items():
+                stats[prefix + k] = v
+
+    def _move_rows_state(self, u: Tensor, index: Tensor, log_g: Tensor) -> Tensor:
+        r"""SogCLR moving average (SPEC 5b): per row u_r = (1−γ)u_i + γ ĝ_r (ĝ_r as is where u_i
+        is 0); u_i ← the mean of u_r over the rows of index i that have kept negatives. Only the
+        batch's entries are read or written (gathered from and scattered to the state's device).
+        Returns log u_r (R,) in the dtype of ``log_g``. In eval mode u is read, not written."""
+        home = u.device
+        uniq, inv = torch.unique(index, return_inverse=True)
+        at = uniq.to(home)
+        old = u[at].to(device=log_g.device, dtype=log_g.dtype)[inv]
+        g = torch.exp(log_g)
+        has = torch.isfinite(log_g)
+        new = torch.where(old == 0, g, (1.0 - self.gamma) * old + self.gamma * g)
+        new = torch.where(has, new, old)
+        total = torch.zeros(uniq.shape, dtype=new.dtype, device=new.device)
+        count = torch.zeros_like(total)
+        total.index_add_(0, inv, torch.where(has, new, torch.zeros_like(new)))
+        count.index_add_(0, inv, has.to(new.dtype))
+        stored = u[at].to(device=new.device, dtype=new.dtype)
+        stored = torch.where(count > 0, total / count.clamp(min=1), stored)
+        if self.training:
+            u[at] = stored.to(device=home, dtype=u.dtype)
+        return torch.where(has & (new > 0), torch.log(new), torch.zeros_like(new))
+
+    def _apply(self, fn, recurse=True):
+        # The state stays float32/int32 under .half()/.to(dtype); with state_on_cpu it stays put.
+        def keep_state(t):
+            out = fn(t)
+            if self.state_on_cpu:
+                return t
+            return out if out.dtype == t.dtype else t.to(out.device)
+        return super()._apply(keep_state, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name, buf in self._buffers.items():
+            saved = state_dict.get(prefix + name)
+            if buf is not None and saved is not None and saved.shape != buf.shape:
+                raise ValueError(f"the checkpoint's {name} has num_samples={saved.shape[0]}, "
+                                 f"this loss has num_samples={self.num_samples}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def get_extra_state(self):
+        return {"epoch": self.epoch}
+
+    def set_extra_state(self, state) -> None:
+        self.epoch = int(state["epoch"])
+
+    def _extra(self) -> str:
+        return (f"num_samples={self.num_samples}, base={self.base!r}, method={self.method!r}, "
+                f"alpha={self.alpha}, start_update={self.start_update}, "
+                f"start_mask={self.start_mask}, state_on_cpu={self.state_on_cpu}")
+
+
+class GloFNDLoss(_Detector):
+    r"""Unimodal contrastive loss on two views with false negatives removed (SPEC 5a, 5b).
+
+    Rows are the 2B anchors ``[z0 | z1]`` against the 2B columns ``[z0 | z1]``; row r's positive
+    is the other view of its sample, the self column is excluded, so every row has
+    K = 2(B−1) valid negatives. With s the cosines, τ the temperature and M_r the kept negatives:
+
+    ``base="simclr"`` (NT-Xent, mean over the 2B rows):
+
+    .. math:: ℓ_r = -\log\frac{e^{s_{rr'}/τ}}{e^{s_{rr'}/τ} + \frac{K}{|M_r|}
+              \sum_{j∈M_r} e^{s_{rj}/τ}}
+
+    With nothing masked it is the standard NT-Xent of SSL libraries (the authors' code sums the
+    two directions instead of averaging: twice this value). A row whose negatives are all
+    removed has loss 0.
+
+    ``base="sogclr"`` (global contrastive loss, moving average ``u`` (N,) float32, init 0):
+    :math:`ĝ_r = \frac{1}{|M_r|}\sum_{j∈M_r} e^{s_{rj}/τ}`,
+    :math:`u_r = (1−γ)u_i + γĝ_r` (ĝ_r as is while u_i = 0), u_i ← the mean of its rows' u_r
+    (the two views), and the value is the mean of the surrogate
+
+    .. math:: ℓ_r = -s_{rr'} + \frac{1}{|M_r|}\sum_{j∈M_r}\mathrm{sg}[e^{s_{rj}/τ}/u_r]\,s_{rj}
+
+    whose gradient is that of τ·log(mean_{M_r} e^{s/τ}) − s_{rr'} with the batch mean replaced by
+    u. (SogCLR's own code divides s by τ in the surrogate: its value and gradient are this one
+    divided by τ.) Rows with no kept negative do not move u.
+
+    Args:
+        num_samples: N, the data-set size (``index`` lies in [0, N)).
+        temperature: τ > 0.
+        alpha: α, the share of negatives treated as false (glofnd, single, fnc).
+        lr: λ's step size (glofnd, single).
+        base: ``"simclr"`` or ``"sogclr"``.
+        method: ``"glofnd"``, ``"fnc"``, ``"single"``, ``"oracle"`` or ``"none"``.
+        gamma: γ in (0, 1], SogCLR's weight of the new estimate (an attribute: schedules may
+            change it between steps).
+        start_update, start_mask: epochs from which λ is learned and masks are applied (see
+            :meth:`set_epoch`); before ``start_mask`` the value is exactly the base loss.
+        state_on_cpu: keep λ (and u) on the CPU whatever device the module is moved to; each
+            call gathers the batch's entries to the features' device and scatters them back.
+        optimizer, betas, eps, init_lambda, bias_correction: passed to :class:`GloFND`.
+
+    Forward: ``loss(z0, z1, index, labels=None)``; z0, z1 (B, D) any float dtype (normalised
+    inside; similarities and softmax in float32, float64 for float64 inputs, autocast off);
+    index (B,) integer data-set ids; labels (B,) integer classes, needed by ``"oracle"`` and
+    used for the diagnostics (:attr:`last_stats`). Returns a scalar.
+
+    State: ``fnd`` (:class:`GloFND`, or None for fnc/oracle/none; size 1 for single), ``u``
+    (sogclr), ``epoch``; all in ``state_dict``. CPU tensors run λ's step in the C kernel, other
+    devices the reference on their own device (the module must be on that device, or use
+    ``state_on_cpu``). In eval mode the state is read, not written. Deterministic on the CPU.
+
+    Example::
+
+        >>> loss_fn = GloFNDLoss(num_samples=1000, temperature=0.1, alpha=0.01)
+        >>> z0, z1 = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32)
+        >>> loss = loss_fn(z0, z1, torch.arange(8))
+        >>> loss.backward()
+    """
+
+    u: Optional[Tensor]
+
+    def __init__(self, num_samples: int, temperature: float = 0.1, alpha: float = 0.01,
+                 lr: float = 0.05, base: str = "simclr", method: str = "glofnd",
+                 gamma: float = 0.9, start_update: int = 0, start_mask: int = 0,
+                 state_on_cpu: bool = False, optimizer: str = "adam",
+                 betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8,
+                 init_lambda: float = 1.0, bias_correction: str = "sample"):
+        super().__init__(num_samples, alpha, lr, method, base, BASES, gamma, start_update,
+                         start_mask, state_on_cpu,
+                         dict(optimizer=optimizer, betas=betas, eps=eps,
+                              init_lambda=init_lambda, bias_correction=bias_correction))
+        self.temperature = _check_real("temperature", temperature, 0.0, math.inf, True, True)
+        self.fnd = self._new_fnd()
+        if base == "sogclr":
+            self.register_buffer("u", torch.zeros(num_samples, dtype=torch.float32))
+        else:
+            self.u = None
+
+    def forward(self, z0: Tensor, z1: Tensor, index: Tensor,
+                labels: Optional[Tensor] = None) -> Tensor:
+        _check_features("z0", z0)
+        _check_features("z1", z1, "z0", z0)
+        b = z0.shape[0]
+        _check_ids("index", index, b, z0.device, self.num_samples if self.check_index else None)
+        if labels is not None:
+            _check_ids("labels", labels, b, z0.device, None)
+        elif self.method == "oracle":
+            raise ValueError("labels are required with method='oracle'")
+        with torch.autocast(z0.device.type, enabled=False):
+            return self._forward(z0, z1, index.to(torch.int64), labels)
+
+    def _forward(self, z0: Tensor, z1: Tensor, index: Tensor, labels: Optional[Tensor]) -> Tensor:
+        b = z0.shape[0]
+        rows = torch.cat([z0, z1])
+        cols = rows  # the candidates; gathered across processes in a multi-process setting
+        sim = Fn.cosine(rows, cols)
+        r = torch.arange(2 * b, device=sim.device)
+        positive = (r + b) % (2 * b)
+        col = r.unsqueeze(0)
+        valid = (col != r.unsqueeze(1)) & (col != positive.unsqueeze(1))
+        ids = torch.cat([index, index])
+        lab = None if labels is None else torch.cat([labels, labels])
+        removed, flagged, thr = self._detect(self.fnd, sim.detach(), ids, valid, lab, lab)
+        if self.base == "simclr":
+            per_row = Fn.masked_info_nce(sim / self.temperature, positive, valid, removed)
+        else:
+            keep = valid if removed is None else valid & ~removed
+            log_g = Fn.log_mean_exp(sim.detach() / self.temperature, keep)
+            log_u = self._move_rows_state(self.u, ids, log_g)
+            pos = sim.gather(1, positive.unsqueeze(1)).squeeze(1)
+            per_row = Fn.sogclr_surrogate(sim, pos, keep, log_u, self.temperature)
+        self._stats = {"masking": torch.tensor(float(removed is not None))}
+        truth = None if lab is None else Fn.label_mask(lab, lab, valid)
+        self._record("", valid, removed, flagged, thr, truth)
+        return per_row.mean()
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, " + self._extra()
+
+
+class GloFNDClipLoss(_Detector):
+    r"""Symmetric image-text contrastive loss with false negatives removed (SPEC 5, bimodal).
+
+    Rows i of the images against the B texts (image→text, thresholds ``fnd_image``) and rows of
+    the texts against the B images (text→image, ``fnd_text``); the only excluded column is the
+    pair's own positive (K = B−1). Image-image and text-text similarities are never used.
+    With s the cosines (features are normalised inside) and M_i a row's kept negatives:
+
+    ``base="clip"``: the cross-entropy of logit_scale·s, each row's negatives masked by its own λ
+    and the kept ones rescaled by K/|M_i|, the mean of the two directions:
+
+    .. math:: ℓ^{I}_i = -\log\frac{e^{c s_{ii}}}{e^{c s_{ii}} + \frac{K}{|M_i|}
+              \sum_{j∈M_i} e^{c s_{ij}}},\quad
+              L = \tfrac12(\mathrm{mean}_i ℓ^I_i + \mathrm{mean}_i ℓ^T_i)
+
+    With nothing masked it equals open_clip's ``ClipLoss`` on normalised features.
+
+    ``base="sogclr"``: the bimodal global contrastive loss, τ = 1/logit_scale (treated as a
+    constant), d_ij = s_ij − s_ii, g_i = (1/|M_i|)Σ_{M_i} e^{d_ij/τ}, u_i ← (1−γ)u_i + γ g_i per
+    modality (``u_image``, ``u_text``; g_i as is while u_i = 0), and
+
+    .. math:: ℓ_i = \frac{1}{|M_i|}\sum_{j∈M_i}\mathrm{sg}[e^{d_{ij}/τ}/u_i]\,d_{ij},
+              \quad L = \tfrac12(\mathrm{mean}_i ℓ^I_i + \mathrm{mean}_i ℓ^T_i)
+
+    whose gradient is τ times that of mean_i g_i/u_i (the authors' loss, which sums the two
+    modalities). Set ``loss.gamma`` per epoch for a γ schedule.
+
+    Args: as :class:`GloFNDLoss` (no temperature: it comes from ``logit_scale``).
+
+    Forward: ``clip(image_features, text_features, logit_scale, index, labels=None,
+    output_dict=False)``; features (B, D) any float dtype; logit_scale a float or a scalar
+    tensor (its gradient flows with ``base="clip"``); index (B,) data-set ids of the pairs;
+    labels (B,) optional classes (``"oracle"`` and diagnostics). Returns a scalar, or
+    ``{"contrastive_loss": value}`` with ``output_dict=True``.
+
+    Example::
+
+        >>> clip = GloFNDClipLoss(num_samples=1000, alpha=1e-3)
+        >>> img, txt = torch.randn(8, 32), torch.randn(8, 32)
+        >>> loss = clip(img, txt, torch.tensor(100.0), torch.arange(8))
+    """
+
+    u_image: Optional[Tensor]
+    u_text: Optional[Tensor]
+
+    def __init__(self, num_samples: int, alpha: float = 1e-3, lr: float = 0.05,
+                 base: str = "clip", method: str = "glofnd", gamma: float = 0.9,
+                 start_update: int = 0, start_mask: int = 0, state_on_cpu: bool = False,
+                 optimizer: str = "adam", betas: tuple[float, float] = (0.9, 0.98),
+                 eps: float = 1e-8, init_lambda: float = 1.0, bias_correction: str = "sample"):
+        super().__init__(num_samples, alpha, lr, method, base, CLIP_BASES, gamma, start_update,
+                         start_mask, state_on_cpu,
+                         dict(optimizer=optimizer, betas=betas, eps=eps,
+                              init_lambda=init_lambda, bias_correction=bias_correction))
+        self.fnd_image = self._new_fnd()
+        self.fnd_text = self._new_fnd()
+        if base == "sogclr":
+            self.register_buffer("u_image", torch.zeros(num_samples, dtype=torch.float32))
+            self.register_buffer("u_text", torch.zeros(num_samples, dtype=torch.float32))
+        else:
+            self.u_image = self.u_text = None
+
+    def forward(self, image_features: Tensor, text_features: Tensor,
+                logit_scale: Union[Tensor, float], index: Tensor,
+                labels: Optional[Tensor] = None, output_dict: bool = False):
+        _check_features("image_features", image_features)
+        _check_features("text_features", text_features, "image_features", image_features)
+        dev = image_features.device
+        b = image_features.shape[0]
+        if isinstance(logit_scale, Tensor):
+            if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
+                raise ValueError("logit_scale must be a float or a one-element float tensor, "
+                                 f"got shape {tuple(logit_scale.shape)}, dtype {logit_scale.dtype}")
+            scale = logit_scale.reshape(())
+        elif isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
+            scale = torch.tensor(float(logit_scale), device=dev)
+        else:
+            raise TypeError(f"logit_scale must be a float or a tensor, "
+                            f"got {type(logit_scale).__name__}")
+        _check_ids("index", index, b, dev, self.num_samples if self.check_index else None)
+        if labels is not None:
+            _check_ids("labels", labels, b, dev, None)
+        elif self.method == "oracle":
+            raise ValueError("labels are required with method='oracle'")
+        with torch.autocast(dev.type, enabled=False):
+            value = self._forward(image_features, text_features, scale, index.to(torch.int64),
+                                  labels)
+        return {"contrastive_loss": value} if output_dict else value
+
+    def _forward(self, img: Tensor, txt: Tensor, scale: Tensor, index: Tensor,
+                 labels: Optional[Tensor]) -> Tensor:
+        b = img.shape[0]
+        sim = Fn.cosine(img, txt)  # (B, B) image rows against text columns
+        scale = scale.to(sim.dtype)
+        positive = torch.arange(b, device=sim.device)
+        valid = positive.unsqueeze(0) != positive.unsqueeze(1)
+        truth = None if labels is None else Fn.label_mask(labels, labels, valid)
+        self._stats = {"masking": torch.tensor(float(self.masking))}
+        terms, flags, removals = [], [], []
+        for name, s, fnd, u in (("image", sim, self.fnd_image, self.u_image),
+                                ("text", sim.T, self.fnd_text, self.u_text)):
+            removed, flagged, thr = self._detect(fnd, s.detach().contiguous(), index, valid,
+                                                 labels, labels)
+            if self.base == "clip":
+                per_row = Fn.masked_info_nce(scale * s, positive, valid, removed)
+            else:
+                tau = 1.0 / scale.detach()
+                keep = valid if removed is None else valid & ~removed
+                d = s - s.diagonal().unsqueeze(1)
+                log_g = Fn.log_mean_exp(d.detach() / tau, keep)
+                log_u = self._move_rows_state(u, index, log_g)
+                per_row = Fn.sogclr_surrogate(d, torch.zeros_like(log_g), keep, log_u, tau)
+            terms.append(per_row.mean())
+            self._record(name + "_", valid, removed, flagged, thr, truth)
+            flags.append(flagged)
+            removals.append(removed)
+        both = torch.cat([valid, valid])
+        cat = [None if x[0] is None else torch.cat(x) for x in (removals, flags)]
+        self._record("", both, cat[0], cat[1], None,
+                     None if truth is None else torch.cat([truth, truth]))
+        return (terms[0] + terms[1]) / 2
+
+    def extra_repr(self) -> str:
+        return self._extra()
