@@ -303,40 +303,191 @@ def _replicated(fnd, sim, index, valid, update, epoch_step, err):
         return out
 
 
-def _sharded(fnd, sim, index, valid, update, epoch_step, err):
-    group = fnd.process_group
-    rank, w = fnd.shard
-    dev = fnd.lambdas.device
-    with fnd._lock:
-        overwritten = _guard_message(fnd) if err is None else None
-        if err is None and overwritten is None:
-            uniq, inv = torch.unique(index, return_inverse=True)
+class _Route:
+    """Sharded layout: where the distinct indices ``uniq`` of this process live (rank i % W,
+    slot i // W) and which slots the other processes ask this process for. Built with two
+    ``all_to_all`` exchanges (the counts per owner, then the indices); a negative ``code`` is sent
+    instead of the counts when this process cannot take part, and every process then raises."""
+
+    def __init__(self, uniq: Optional[Tensor], w: int, group, device, code: int = 0,
+                 err: Optional[BaseException] = None, message: Optional[str] = None):
+        if code >= 0:
             owner = uniq % w
-            order = torch.argsort(owner, stable=True)
-            request = uniq[order]
+            self.order = torch.argsort(owner, stable=True)
             counts = torch.bincount(owner, minlength=w)
+            request = uniq[self.order]
         else:
-            request = torch.zeros(0, dtype=torch.int64, device=dev)
-            counts = torch.full((w,), _BAD_BATCH if err is not None else _OVERWRITTEN,
-                                dtype=torch.int64, device=dev)
+            counts = torch.full((w,), code, dtype=torch.int64, device=device)
+            request = torch.zeros(0, dtype=torch.int64, device=device)
         incoming = torch.empty_like(counts)
         dist.all_to_all_single(incoming, counts, group=group)
-        _raise_if_any(incoming, err, overwritten, rank)
-        send_n, recv_n = counts.tolist(), incoming.tolist()
-        slots = _exchange(request, send_n, recv_n, group) // w   # owner side: requested slots
-        lam_u = torch.empty(uniq.shape, dtype=torch.float32, device=dev)
+        _raise_if_any(incoming, err, message, dist.get_rank(group))
+        self.group, self.uniq = group, uniq
+        self.send_n, self.recv_n = counts.tolist(), incoming.tolist()
+        self.slots = _exchange(request, self.send_n, self.recv_n, group) // w  # asked of me
+
+    def to_owners(self, rows: Tensor) -> Tensor:
+        """Rows aligned with ``uniq`` to their owners; returns the rows aligned with ``slots``."""
+        return _exchange(rows[self.order], self.send_n, self.recv_n, self.group)
+
+    def answer(self, values: Tensor) -> Tensor:
+        """Values aligned with ``slots`` back to the askers; returns them aligned with ``uniq``."""
+        got = _exchange(values, self.recv_n, self.send_n, self.group)
+        out = torch.empty_like(got)
+        out[self.order] = got
+        return out
+
+
+def _sharded(fnd, sim, index, valid, update, epoch_step, err):
+    rank, w = fnd.shard
+    with fnd._lock:
+        overwritten = _guard_message(fnd) if err is None else None
+        uniq = inv = None
+        code = _BAD_BATCH if err is not None else _OVERWRITTEN if overwritten is not None else 0
+        if code == 0:
+            uniq, inv = torch.unique(index, return_inverse=True)
+        route = _Route(uniq, w, fnd.process_group, fnd.lambdas.device, code, err, overwritten)
+        slots = route.slots
         if update:
-            lam_u[order] = _exchange(fnd.lambdas[slots], recv_n, send_n, group)
+            lam_u = route.answer(fnd.lambdas[slots])
             above, nvalid = reference.row_counts(sim, inv, valid, lam_u)
             _, a, v = _pool(inv, above, nvalid)
-            pooled = torch.stack([a, v], dim=1)[order]
-            got = _exchange(pooled, send_n, recv_n, group)
+            got = route.to_owners(torch.stack([a, v], dim=1))
             reference.pooled_update(slots, got[:, 0], got[:, 1], fnd.lambdas, fnd.exp_avg,
                                     fnd.exp_avg_sq, fnd.steps, *_hyper(fnd, epoch_step))
             if guard_active(fnd):
                 record_write(fnd, torch.unique(slots))
-        lam_u[order] = _exchange(fnd.lambdas[slots], recv_n, send_n, group)
-        return _mask(sim, inv, valid, lam_u, fnd)
+        lam_u = route.answer(fnd.lambdas[slots])
+        mask, kept = _mask(sim, inv, valid, lam_u, fnd)
+        fnd._rows_lambda = lam_u[inv]
+        return mask, kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Features and per-sample vectors of the losses
+
+def multi_process(group=None) -> bool:
+    """Whether ``group`` (None: the default group) spans more than one process."""
+    return world(group)[1] > 1
+
+
+def all_sizes(n: int, group, device) -> list[int]:
+    """The row counts of all processes (one small all_gather)."""
+    w = dist.get_world_size(group)
+    mine = torch.tensor([n], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(mine) for _ in range(w)]
+    dist.all_gather(sizes, mine, group=group)
+    return [int(x) for x in torch.cat(sizes).tolist()]
+
+
+def gather_rows(x: Tensor, sizes: list[int], group) -> Tensor:
+    """All processes' rows of ``x`` (sizes[k] rows on rank k), concatenated in rank order."""
+    longest = max(sizes)
+    padded = x.new_zeros((longest,) + tuple(x.shape[1:]))
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient of the gathered tensor over all processes
+    (an all_reduce) and returns this process's slice of the sum."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, group):
+        ctx.group = group
+        rank = dist.get_rank(group)
+        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        return gather_rows(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.start:ctx.stop], None, None
+
+
+def gather_with_grad(x: Tensor, sizes: list[int], group=None) -> Tensor:
+    r"""All processes' rows of ``x`` (B_k, ...) -> (Σ_k B_k, ...), differentiable.
+
+    The backward all-reduces (sums) the gradient of the gathered tensor over the processes and
+    returns this process's slice: the gradient of :math:`\sum_k L_k` with respect to this
+    process's rows, where L_k is the loss of process k. (Returning only the local slice without
+    the sum drops the other processes' terms.) Every process must call the backward.
+
+    Example::
+
+        >>> sizes = all_sizes(z.shape[0], None, z.device)
+        >>> z_all = gather_with_grad(z, sizes)      # rank order; rank k's rows at its offset
+    """
+    return _GatherWithGrad.apply(x, sizes, group)
+
+
+def fetch(local: Tensor, uniq: Tensor, rank: int, w: int, group) -> Tensor:
+    """Values of a sharded vector (``local`` holds index i at slot i // W on rank i % W) at the
+    distinct indices ``uniq`` of this process (collective)."""
+    route = _Route(uniq.to(local.device), w, group, local.device)
+    return route.answer(local[route.slots])
+
+
+def moving_average(u: Tensor, index: Tensor, log_g: Tensor, gamma: float, write: bool,
+                   blocks: int, shard: Optional[tuple[int, int]], group) -> Tensor:
+    r"""Multi-process SogCLR moving average (SPEC 5b) over all processes' rows (collective).
+
+    Per local row r of index i: u_r = (1−γ)u_i + γ ĝ_r (ĝ_r = exp(log_g_r) as is while u_i = 0;
+    u_i unchanged for rows without kept negatives). With ``write``, every process all-gathers the
+    rows' (index, u_r, has) records (24 bytes per row), orders them as one process would order its
+    rows (``blocks`` equal blocks per process, e.g. the two views: all processes' first blocks,
+    then their second blocks) and sets u_i ← the mean of u_r over the rows of index i with kept
+    negatives, with the same float operations in the same order as one process: the same bytes.
+    ``shard`` = (rank, W) when u is sharded (only owned entries are written; reads go to the
+    owners), None when replicated. Returns log u_r (R,) in the dtype of ``log_g``.
+    """
+    home, dev, dtype = u.device, log_g.device, log_g.dtype
+    uniq, inv = torch.unique(index, return_inverse=True)
+    if shard is None:
+        old_u = u[uniq.to(home)]
+    else:
+        old_u = fetch(u, uniq, shard[0], shard[1], group)
+    old = old_u.to(device=dev, dtype=dtype)[inv]
+    g = torch.exp(log_g)
+    has = torch.isfinite(log_g)
+    new = torch.where(old == 0, g, (1.0 - gamma) * old + gamma * g)
+    new = torch.where(has, new, old)
+    if write:
+        rec = torch.stack([index.double(), new.double(), has.double()], dim=1).to(home)
+        sizes = all_sizes(rec.shape[0], group, home)
+        every = gather_rows(rec, sizes, group)
+        parts = [p.chunk(blocks) for p in every.split(sizes)]
+        every = torch.cat([p[b] for b in range(blocks) for p in parts])
+        gi = every[:, 0].to(torch.int64)
+        gnew, ghas = every[:, 1].to(dtype), every[:, 2] > 0
+        guniq, ginv = torch.unique(gi, return_inverse=True)
+        total = torch.zeros(guniq.shape, dtype=dtype, device=home)
+        count = torch.zeros_like(total)
+        total.index_add_(0, ginv, torch.where(ghas, gnew, torch.zeros_like(gnew)))
+        count.index_add_(0, ginv, ghas.to(dtype))
+        put = count > 0
+        if shard is not None:
+            put &= guniq % shard[1] == shard[0]
+        at = guniq[put] if shard is None else guniq[put] // shard[1]
+        u[at] = (total[put] / count[put].clamp(min=1)).to(u.dtype)
+    return torch.where(has & (new > 0), torch.log(new), torch.zeros_like(new))
+
+
+def loss_step(fnd, sim: Tensor, index: Tensor, valid: Tensor, update: bool
+              ) -> tuple[Tensor, Tensor]:
+    """The threshold step of a multi-process loss: ``(mask, λ of each row)``. A state kept on
+    another device (``state_on_cpu``) gets the batch moved to it (the process group must then
+    handle that device's tensors, e.g. gloo for the CPU)."""
+    home, dev = fnd.lambdas.device, sim.device
+    mask, _ = fnd.step(sim.to(home), index.to(home), valid.to(home), update)
+    if fnd.distributed == "sharded":
+        lam = fnd._rows_lambda
+    else:
+        lam = fnd.lambdas[index.to(home)]
+    return mask.to(dev), lam.to(dev)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -348,8 +499,12 @@ def shard_info(fnd) -> dict:
     return {"rank": rank, "world_size": w, "num_samples": fnd.num_samples}
 
 
-def load_shard(fnd, state_dict: dict, prefix: str) -> dict:
-    """Checks a checkpoint against a sharded ``fnd`` and returns the entries to load.
+STATE_NAMES = ("lambdas", "exp_avg", "exp_avg_sq", "steps")
+
+
+def load_shard(fnd, state_dict: dict, prefix: str, names: tuple = STATE_NAMES) -> dict:
+    """Checks a checkpoint against a sharded module ``fnd`` (with ``shard`` and ``num_samples``)
+    and returns the entries to load; ``names`` are its per-sample vectors.
 
     A shard saved by the same rank of the same world size with the same num_samples loads as is;
     a full (single-process or replicated) state loads by taking this rank's slice ``[rank::W]``.
@@ -357,7 +512,7 @@ def load_shard(fnd, state_dict: dict, prefix: str) -> dict:
     rank, w = fnd.shard
     extra = state_dict.get(prefix + "_extra_state")
     saved = extra.get("shard") if isinstance(extra, dict) else None
-    key = prefix + "lambdas"
+    key = prefix + names[0]
     out = dict(state_dict)
     if saved is not None:
         if saved["num_samples"] != fnd.num_samples:
@@ -378,7 +533,7 @@ def load_shard(fnd, state_dict: dict, prefix: str) -> dict:
         if n != fnd.num_samples:
             raise ValueError(f"the checkpoint's GloFND state has num_samples={n}, this module "
                              f"has num_samples={fnd.num_samples}")
-        for name in ("lambdas", "exp_avg", "exp_avg_sq", "steps"):
+        for name in names:
             if prefix + name in state_dict:
                 out[prefix + name] = state_dict[prefix + name][rank::w]
     return out

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops
+from . import distributed as D
 from . import functional as Fn
 from .state import _OPTIMIZERS, GloFND, _check_real, check_batch
 
@@ -111,7 +112,8 @@ class _Detector(nn.Module):
 
     def __init__(self, num_samples: int, alpha: float, lr: float, method: str, base: str,
                  bases: tuple[str, ...], gamma: float, start_update: int, start_mask: int,
-                 state_on_cpu: bool, fnd_kwargs: dict):
+                 state_on_cpu: bool, fnd_kwargs: dict, gather_distributed: bool = False,
+                 distributed: Union[bool, str, None] = None, process_group=None):
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int):
             raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
@@ -137,11 +139,50 @@ class _Detector(nn.Module):
         self._check_index = True
         self._fnd_kwargs = dict(fnd_kwargs, alpha=alpha, lr=lr)
         self._stats: dict[str, Tensor] = {}
+        self.gather_distributed = bool(gather_distributed)
+        if distributed is None:
+            distributed = "replicated" if self.gather_distributed else False
+        self.distributed = D.resolve_mode(distributed)
+        self.process_group = process_group
+        if self.distributed == "sharded":  # (rank, world size) fixed at construction
+            self.shard = D.world(process_group)
+
+    def _vector(self) -> Tensor:
+        """A fresh per-sample float32 vector (this process's shard when sharded)."""
+        n = self.num_samples
+        if self.distributed == "sharded":
+            n = D.shard_size(n, *self.shard)
+        return torch.zeros(n, dtype=torch.float32)
 
     def _new_fnd(self) -> Optional[GloFND]:
         if self.method not in ("glofnd", "single"):
             return None
-        return GloFND(self.num_samples if self.method == "glofnd" else 1, **self._fnd_kwargs)
+        layout = self.distributed
+        if self.method == "single" and layout is not None:
+            layout = "replicated"  # one shared λ: nothing to shard
+        return GloFND(self.num_samples if self.method == "glofnd" else 1, **self._fnd_kwargs,
+                      distributed=layout or False, process_group=self.process_group)
+
+    def _multi_process(self) -> bool:
+        """Whether this call runs on several processes (state pooled, features gathered)."""
+        if self.distributed is None and not self.gather_distributed:
+            return False
+        return D.multi_process(self.process_group)
+
+    def _gather(self, *xs: Optional[Tensor]) -> tuple[int, int, list[Optional[Tensor]]]:
+        """With ``gather_distributed`` on several processes: (offset of this process's rows,
+        global batch size, the inputs gathered in rank order). Float tensors are gathered with
+        the gradient-summing gather; integer ones without gradient."""
+        b = xs[0].shape[0]
+        if not (self.gather_distributed and D.multi_process(self.process_group)):
+            return 0, b, list(xs)
+        group = self.process_group
+        sizes = D.all_sizes(b, group, xs[0].device)
+        rank = torch.distributed.get_rank(group)
+        out = [None if x is None else
+               D.gather_with_grad(x, sizes, group) if x.is_floating_point() else
+               D.gather_rows(x, sizes, group) for x in xs]
+        return sum(sizes[:rank]), sum(sizes), out
 
     @property
     def check_index(self) -> bool:
@@ -200,7 +241,9 @@ class _Detector(nn.Module):
             if not (update or mask_on):
                 return None, None, None
             ids = index if method == "glofnd" else torch.zeros_like(index)
-            if self.state_on_cpu and sim.device != fnd.lambdas.device:
+            if fnd.distributed is not None and D.multi_process(fnd.process_group):
+                flagged, thr = D.loss_step(fnd, sim, ids, valid, update)
+            elif self.state_on_cpu and sim.device != fnd.lambdas.device:
                 flagged, thr = gathered_step(fnd, sim, ids, valid, update)
             else:
                 flagged, _ = fnd.step(sim, ids, valid, update)
@@ -230,11 +273,19 @@ class _Detector(nn.Module):
             for k, v in Fn.fn_scores(flagged, truth).items():
                 stats[prefix + k] = v
 
-    def _move_rows_state(self, u: Tensor, index: Tensor, log_g: Tensor) -> Tensor:
+    def _move_rows_state(self, u: Tensor, index: Tensor, log_g: Tensor, blocks: int = 1
+                         ) -> Tensor:
         r"""SogCLR moving average (SPEC 5b): per row u_r = (1−γ)u_i + γ ĝ_r (ĝ_r as is where u_i
         is 0); u_i ← the mean of u_r over the rows of index i that have kept negatives. Only the
         batch's entries are read or written (gathered from and scattered to the state's device).
-        Returns log u_r (R,) in the dtype of ``log_g``. In eval mode u is read, not written."""
+        Returns log u_r (R,) in the dtype of ``log_g``. In eval mode u is read, not written.
+        On several processes with a distributed state, u_i pools the rows of all processes
+        (:func:`glofnd.distributed.moving_average`; ``blocks`` = the views in this process's rows).
+        """
+        if self.distributed is not None and D.multi_process(self.process_group):
+            shard = self.shard if self.distributed == "sharded" else None
+            return D.moving_average(u, index, log_g, self.gamma, self.training, blocks, shard,
+                                    self.process_group)
         home = u.device
         uniq, inv = torch.unique(index, return_inverse=True)
         at = uniq.to(home)
@@ -264,6 +315,11 @@ class _Detector(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        names = tuple(k for k, v in self._buffers.items() if v is not None)
+        if self.distributed == "sharded" and names:
+            state_dict = D.load_shard(self, state_dict, prefix, names)
+        elif names:
+            D.check_not_shard(self, state_dict, prefix)
         for name, buf in self._buffers.items():
             saved = state_dict.get(prefix + name)
             if buf is not None and saved is not None and saved.shape != buf.shape:
@@ -273,6 +329,8 @@ class _Detector(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def get_extra_state(self):
+        if self.distributed == "sharded":
+            return {"epoch": self.epoch, "shard": D.shard_info(self)}
         return {"epoch": self.epoch}
 
     def set_extra_state(self, state) -> None:
@@ -281,7 +339,9 @@ class _Detector(nn.Module):
     def _extra(self) -> str:
         return (f"num_samples={self.num_samples}, base={self.base!r}, method={self.method!r}, "
                 f"alpha={self.alpha}, start_update={self.start_update}, "
-                f"start_mask={self.start_mask}, state_on_cpu={self.state_on_cpu}")
+                f"start_mask={self.start_mask}, state_on_cpu={self.state_on_cpu}"
+                + (", gather_distributed=True" if self.gather_distributed else "")
+                + (f", distributed={self.distributed!r}" if self.distributed else ""))
 
 
 class GloFNDLoss(_Detector):
@@ -325,6 +385,28 @@ class GloFNDLoss(_Detector):
         state_on_cpu: keep λ (and u) on the CPU whatever device the module is moved to; each
             call gathers the batch's entries to the features' device and scatters them back.
         optimizer, betas, eps, init_lambda, bias_correction: passed to :class:`GloFND`.
+        gather_distributed: on several processes (``torch.distributed``), score this
+            process's anchors against the candidates of *all* processes: the features (and
+            indices, labels) are all-gathered with a gather whose backward sums the gradients
+            over the processes. The state is then shared too (``distributed`` defaults to
+            ``"replicated"``). See *Multi-process training* below.
+        distributed: the layout of the state across processes: ``"replicated"`` (or True),
+            ``"sharded"`` (sample i's λ, moments and u on rank i % W), or False (a separate
+            state per process). None (default): ``"replicated"`` with ``gather_distributed``,
+            else False. Without an initialised process group, or with one process, the
+            ordinary single-process path runs.
+        process_group: the group (None: the default group).
+
+    Multi-process training (every process calls the loss with its own B_k samples, in the
+    same order): each process's 2B_k rows are scored against the 2ΣB_k columns ``[all first
+    views | all second views]`` in rank order, λ_i gets one update per step from all rows of i
+    on all processes, and u_i the mean of those rows' estimates; every process then holds the
+    state one process would hold after the concatenated batch. The value returned is the mean
+    over this process's rows. Gradients: ``loss.backward()`` on process k gives its inputs the
+    gradient of Σ_k' L_k' (the gather's backward sums over processes); DDP's average over the W
+    processes then equals, with equal B_k, the gradient of one process computing the loss of
+    the whole global batch. Keep the loss outside the DDP-wrapped model (its state must not be
+    overwritten by DDP's buffer broadcast; see :mod:`glofnd.distributed`).
 
     Forward: ``loss(z0, z1, index, labels=None)``; z0, z1 (B, D) any float dtype (normalised
     inside; similarities and softmax in float32, float64 for float64 inputs, autocast off);
@@ -351,15 +433,18 @@ class GloFNDLoss(_Detector):
                  gamma: float = 0.9, start_update: int = 0, start_mask: int = 0,
                  state_on_cpu: bool = False, optimizer: str = "adam",
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-8,
-                 init_lambda: float = 1.0, bias_correction: str = "sample"):
+                 init_lambda: float = 1.0, bias_correction: str = "sample",
+                 gather_distributed: bool = False, distributed: Union[bool, str, None] = None,
+                 process_group=None):
         super().__init__(num_samples, alpha, lr, method, base, BASES, gamma, start_update,
                          start_mask, state_on_cpu,
                          dict(optimizer=optimizer, betas=betas, eps=eps,
-                              init_lambda=init_lambda, bias_correction=bias_correction))
+                              init_lambda=init_lambda, bias_correction=bias_correction),
+                         gather_distributed, distributed, process_group)
         self.temperature = _check_real("temperature", temperature, 0.0, math.inf, True, True)
         self.fnd = self._new_fnd()
         if base == "sogclr":
-            self.register_buffer("u", torch.zeros(num_samples, dtype=torch.float32))
+            self.register_buffer("u", self._vector())
         else:
             self.u = None
 
@@ -379,25 +464,29 @@ class GloFNDLoss(_Detector):
     def _forward(self, z0: Tensor, z1: Tensor, index: Tensor, labels: Optional[Tensor]) -> Tensor:
         b = z0.shape[0]
         rows = torch.cat([z0, z1])
-        cols = rows  # the candidates; gathered across processes in a multi-process setting
-        sim = Fn.cosine(rows, cols)
+        # the candidates: [all first views | all second views] of every process, rank order
+        off, total, (a0, a1, all_labels) = self._gather(z0, z1, labels)
+        sim = Fn.cosine(rows, torch.cat([a0, a1]))
         r = torch.arange(2 * b, device=sim.device)
-        positive = (r + b) % (2 * b)
-        col = r.unsqueeze(0)
-        valid = (col != r.unsqueeze(1)) & (col != positive.unsqueeze(1))
+        first = r < b
+        own = torch.where(first, off + r, total + off + r - b)       # the row's own column
+        positive = torch.where(first, total + off + r, off + r - b)  # its other view
+        col = torch.arange(2 * total, device=sim.device).unsqueeze(0)
+        valid = (col != own.unsqueeze(1)) & (col != positive.unsqueeze(1))
         ids = torch.cat([index, index])
         lab = None if labels is None else torch.cat([labels, labels])
-        removed, flagged, thr = self._detect(self.fnd, sim.detach(), ids, valid, lab, lab)
+        col_lab = None if labels is None else torch.cat([all_labels, all_labels])
+        removed, flagged, thr = self._detect(self.fnd, sim.detach(), ids, valid, lab, col_lab)
         if self.base == "simclr":
             per_row = Fn.masked_info_nce(sim / self.temperature, positive, valid, removed)
         else:
             keep = valid if removed is None else valid & ~removed
             log_g = Fn.log_mean_exp(sim.detach() / self.temperature, keep)
-            log_u = self._move_rows_state(self.u, ids, log_g)
+            log_u = self._move_rows_state(self.u, ids, log_g, blocks=2)
             pos = sim.gather(1, positive.unsqueeze(1)).squeeze(1)
             per_row = Fn.sogclr_surrogate(sim, pos, keep, log_u, self.temperature)
         self._stats = {"masking": torch.tensor(float(removed is not None))}
-        truth = None if lab is None else Fn.label_mask(lab, lab, valid)
+        truth = None if lab is None else Fn.label_mask(lab, col_lab, valid)
         self._record("", valid, removed, flagged, thr, truth)
         return per_row.mean()
 
@@ -434,6 +523,12 @@ class GloFNDClipLoss(_Detector):
 
     Args: as :class:`GloFNDLoss` (no temperature: it comes from ``logit_scale``).
 
+    Multi-process training (``gather_distributed=True``): the B_k image rows of each process
+    are scored against the ΣB_k texts of all processes and its text rows against all images
+    (rank order); states, the loss value (mean over this process's rows) and the gradient
+    convention (DDP's average equals one process's gradient of the global loss, with equal
+    B_k; ``logit_scale``'s gradient included) are as in :class:`GloFNDLoss`.
+
     Forward: ``clip(image_features, text_features, logit_scale, index, labels=None,
     output_dict=False)``; features (B, D) any float dtype; logit_scale a float or a scalar
     tensor (its gradient flows with ``base="clip"``); index (B,) data-set ids of the pairs;
@@ -454,16 +549,19 @@ class GloFNDClipLoss(_Detector):
                  base: str = "clip", method: str = "glofnd", gamma: float = 0.9,
                  start_update: int = 0, start_mask: int = 0, state_on_cpu: bool = False,
                  optimizer: str = "adam", betas: tuple[float, float] = (0.9, 0.98),
-                 eps: float = 1e-8, init_lambda: float = 1.0, bias_correction: str = "sample"):
+                 eps: float = 1e-8, init_lambda: float = 1.0, bias_correction: str = "sample",
+                 gather_distributed: bool = False, distributed: Union[bool, str, None] = None,
+                 process_group=None):
         super().__init__(num_samples, alpha, lr, method, base, CLIP_BASES, gamma, start_update,
                          start_mask, state_on_cpu,
                          dict(optimizer=optimizer, betas=betas, eps=eps,
-                              init_lambda=init_lambda, bias_correction=bias_correction))
+                              init_lambda=init_lambda, bias_correction=bias_correction),
+                         gather_distributed, distributed, process_group)
         self.fnd_image = self._new_fnd()
         self.fnd_text = self._new_fnd()
         if base == "sogclr":
-            self.register_buffer("u_image", torch.zeros(num_samples, dtype=torch.float32))
-            self.register_buffer("u_text", torch.zeros(num_samples, dtype=torch.float32))
+            self.register_buffer("u_image", self._vector())
+            self.register_buffer("u_text", self._vector())
         else:
             self.u_image = self.u_text = None
 
@@ -497,23 +595,29 @@ class GloFNDClipLoss(_Detector):
     def _forward(self, img: Tensor, txt: Tensor, scale: Tensor, index: Tensor,
                  labels: Optional[Tensor]) -> Tensor:
         b = img.shape[0]
-        sim = Fn.cosine(img, txt)  # (B, B) image rows against text columns
-        scale = scale.to(sim.dtype)
-        positive = torch.arange(b, device=sim.device)
-        valid = positive.unsqueeze(0) != positive.unsqueeze(1)
-        truth = None if labels is None else Fn.label_mask(labels, labels, valid)
+        off, total, (all_img, all_txt, all_labels) = self._gather(img, txt, labels)
+        if total == b:
+            sim = Fn.cosine(img, txt)  # (B, B) image rows against text columns
+            sims = (sim, sim.T)
+        else:  # local rows against the columns of every process
+            sims = (Fn.cosine(img, all_txt), Fn.cosine(txt, all_img))
+        scale = scale.to(sims[0].dtype)
+        positive = off + torch.arange(b, device=img.device)
+        col = torch.arange(total, device=img.device)
+        valid = col.unsqueeze(0) != positive.unsqueeze(1)
+        truth = None if labels is None else Fn.label_mask(labels, all_labels, valid)
         self._stats = {"masking": torch.tensor(float(self.masking))}
         terms, flags, removals = [], [], []
-        for name, s, fnd, u in (("image", sim, self.fnd_image, self.u_image),
-                                ("text", sim.T, self.fnd_text, self.u_text)):
+        for name, s, fnd, u in (("image", sims[0], self.fnd_image, self.u_image),
+                                ("text", sims[1], self.fnd_text, self.u_text)):
             removed, flagged, thr = self._detect(fnd, s.detach().contiguous(), index, valid,
-                                                 labels, labels)
+                                                 labels, all_labels)
             if self.base == "clip":
                 per_row = Fn.masked_info_nce(scale * s, positive, valid, removed)
             else:
                 tau = 1.0 / scale.detach()
                 keep = valid if removed is None else valid & ~removed
-                d = s - s.diagonal().unsqueeze(1)
+                d = s - s.gather(1, positive.unsqueeze(1))
                 log_g = Fn.log_mean_exp(d.detach() / tau, keep)
                 log_u = self._move_rows_state(u, index, log_g)
                 per_row = Fn.sogclr_surrogate(d, torch.zeros_like(log_g), keep, log_u, tau)

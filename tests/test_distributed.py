@@ -23,6 +23,10 @@ CHECKS = [
     "ddp_fault_detected",
     "ddp_sharded_inside_detected",
     "ddp_safe_setup",
+    "losses_replicated",
+    "losses_sharded",
+    "moving_average_exact",
+    "losses_ddp_gradients",
 ]
 
 
