@@ -73,14 +73,18 @@ def shard_size(num_samples: int, rank: int, world_size: int) -> int:
     return max(0, (num_samples - rank + world_size - 1) // world_size)
 
 
-def init_from_env(backend: Optional[str] = None) -> tuple[int, int, int]:
+def init_from_env(backend: Optional[str] = None, timeout=None) -> tuple[int, int, int]:
     """Initialises the default process group from torchrun's environment variables.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT`` through
     the ``env://`` method). Without them, or with ``WORLD_SIZE=1``, nothing is initialised and
     ``(0, 1, 0)`` is returned, so a script runs unchanged as one process. The backend defaults to
     ``"nccl"`` when CUDA is available (and the process's GPU is set to ``LOCAL_RANK``), else
-    ``"gloo"``. Returns ``(rank, world_size, local_rank)``.
+    ``"gloo"``; ``timeout`` (a ``datetime.timedelta``) bounds each collective. Returns
+    ``(rank, world_size, local_rank)``. An example's ``--distributed`` flag calls it, builds its
+    loss with ``gather_distributed=True`` outside the DDP-wrapped model, wraps the model with
+    DDP, uses a ``DistributedSampler`` (``drop_last=True``: equal batches on every process)
+    with a per-process batch size, and saves checkpoints from rank 0 only (replicated state).
 
     Example::
 
@@ -96,7 +100,8 @@ def init_from_env(backend: Optional[str] = None) -> tuple[int, int, int]:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, init_method="env://")
+        kw = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group(backend, init_method="env://", **kw)
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 

@@ -53,8 +53,14 @@ def spawn(world_size: int, checks: list[str], outdir: str) -> list[dict]:
 
 def _worker(rank: int, world_size: int, port: int, checks: list[str], outdir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=30))
+    timeout = datetime.timedelta(seconds=30)
+    if world_size == 2:  # as torchrun would start it: through the environment
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        assert gd.init_from_env("gloo", timeout) == (rank, world_size, rank)
+    else:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timeout)
     results = {}
     try:
         for name in checks:
