@@ -163,12 +163,6 @@ class _Detector(nn.Module):
         return GloFND(self.num_samples if self.method == "glofnd" else 1, **self._fnd_kwargs,
                       distributed=layout or False, process_group=self.process_group)
 
-    def _multi_process(self) -> bool:
-        """Whether this call runs on several processes (state pooled, features gathered)."""
-        if self.distributed is None and not self.gather_distributed:
-            return False
-        return D.multi_process(self.process_group)
-
     def _gather(self, *xs: Optional[Tensor]) -> tuple[int, int, list[Optional[Tensor]]]:
         """With ``gather_distributed`` on several processes: (offset of this process's rows,
         global batch size, the inputs gathered in rank order). Float tensors are gathered with
