@@ -622,3 +622,27 @@ def check_losses_ddp_gradients(rank, world_size, outdir):
             for (name, p), q in zip(model.module.named_parameters(), twin.parameters()):
                 close(p.grad, q.grad, f"{cls.__name__}({base}) step {t} {name}", 2e-5)
         del model
+
+
+def check_overwrite_check_accepts_deliberate_changes(rank, world_size, outdir):
+    """The overwrite check reports a foreign write between steps, but not a checkpoint load nor
+    a change acknowledged with mark_state_changed(); for every layout."""
+    for layout in (False, "replicated", "sharded"):
+        fnd = glofnd.GloFND(N, alpha=0.3, distributed=layout)
+        parts = global_batch(5, world_size, torch.ones(N))
+        fnd.step(*parts[rank])
+        fnd.load_state_dict(glofnd.GloFND(N, distributed=layout).state_dict())
+        fnd.step(*parts[rank])                      # a load is a deliberate change
+        fnd.lambdas.fill_(0.25)
+        fnd.mark_state_changed()
+        fnd.step(*parts[rank])                      # acknowledged
+        touched = rank == 0 or layout == "replicated" or layout is False
+        if touched:  # a write nobody acknowledged (sharded: only on rank 0)
+            fnd.steps.add_(1)
+        try:
+            fnd.step(*parts[rank])
+        except RuntimeError as err:  # the cause where it happened, its rank elsewhere
+            want = "broadcast_buffers" if touched else "rank 0 reported"
+            assert want in str(err), (layout, rank, err)
+        else:
+            raise AssertionError(f"{layout}: the foreign write went unnoticed on rank {rank}")

@@ -31,6 +31,7 @@ CHECKS = [
     "losses_sharded",
     "moving_average_exact",
     "losses_ddp_gradients",
+    "overwrite_check_accepts_deliberate_changes",
 ]
 
 
