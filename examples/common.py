@@ -75,7 +75,8 @@ def base_parser(description: str, epochs: int, alpha: float, out: str) -> argpar
                    help="share of each sample's negatives treated as false (GloFND's α)")
     p.add_argument("--lr-lambda", type=float, default=0.05, help="step size of λ")
     p.add_argument("--start-epoch", type=int, default=None,
-                   help="epoch from which λ is learned and the mask applied (default: epochs // 3)")
+                   help="epoch, counted from 0, from which λ is learned and the mask applied "
+                        "(default: epochs // 3); plots and tables count epochs from 1")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--out", default=out, help="folder for the tables and plots")
     p.add_argument("--threads", type=int, default=None,
@@ -235,15 +236,18 @@ class DigitAugment:
     """Random views of small grey-scale digits, batched in plain torch.
 
     Per image: rotation ±``rotate`` degrees, zoom in [``scale``], shear ±``shear``, shift
-    ±``shift`` (share of the image), then contrast in [0.6, 1.4], additive noise of standard
-    deviation ``noise`` and a random erased square with probability ``erase``. No flips (a
-    mirrored digit is another symbol). Input and output (B, 1, H, W) in [0, 1].
+    ±``shift`` (share of the image), then a contrast factor in ``contrast``, additive noise of
+    standard deviation ``noise`` and a random erased square (a third of the side) with
+    probability ``erase``. No flips (a mirrored digit is another symbol). Input and output
+    (B, 1, H, W) in [0, 1]; with every strength at zero (scale and contrast (1, 1)) it is the
+    identity.
     """
 
     def __init__(self, rotate: float = 15.0, scale=(0.8, 1.15), shear: float = 0.2,
-                 shift: float = 0.15, noise: float = 0.1, erase: float = 0.5):
+                 shift: float = 0.15, contrast=(0.6, 1.4), noise: float = 0.1,
+                 erase: float = 0.5):
         self.rotate, self.scale, self.shear, self.shift = rotate, scale, shear, shift
-        self.noise, self.erase = noise, erase
+        self.contrast, self.noise, self.erase = contrast, noise, erase
 
     def __call__(self, x: Tensor) -> Tensor:
         b, dev = x.shape[0], x.device
@@ -255,7 +259,7 @@ class DigitAugment:
         theta[:, 1, 0], theta[:, 1, 1] = a.sin() / s, a.cos() / s
         theta[:, :, 2] = torch.empty(b, 2, device=dev).uniform_(-2 * self.shift, 2 * self.shift)
         x = _affine(x, theta, "zeros")
-        x = x * _uniform(b, 0.6, 1.4, dev).view(b, 1, 1, 1)
+        x = x * _uniform(b, *self.contrast, dev).view(b, 1, 1, 1)
         x = x + self.noise * torch.randn_like(x)
         if self.erase > 0:
             h, w = x.shape[-2:]
@@ -407,23 +411,29 @@ def linear_probe_top1(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: 
         return 100.0 * float((lin(xte).argmax(1) == test_y).double().mean())
 
 
-def true_quantiles(anchors: Tensor, columns: Tensor, alpha: float, exclude_diagonal: bool = True,
-                   rows: Optional[Tensor] = None, chunk: int = 512) -> Tensor:
+def true_quantiles(anchors: Tensor, columns, alpha: float, rows: Optional[Tensor] = None,
+                   chunk: int = 512) -> Tensor:
     r"""The (1−α)-quantile of each anchor's cosines to the whole data set, the value λ_i
-    estimates: q_i = quantile_{1−α}{ cos(a_i, c_j) : j ≠ i }.
+    estimates: q_i = quantile_{1−α}{ cos(a_i, c_j) : c in columns, j ≠ i }.
 
-    anchors (N, D) and columns (N, D) embeddings (normalised here); ``exclude_diagonal`` drops
-    j = i (the sample itself for SimCLR, the own caption for CLIP). ``rows`` restricts the
-    anchors (for large data sets). Returns (len(rows),) float32.
+    anchors (N, D); columns one (N, D) tensor or a list of them (e.g. both views of SimCLR),
+    row j of each belonging to sample j, so that column j of every block is excluded for anchor
+    i = j (the sample itself / its positive; for CLIP the own caption). Embeddings are
+    normalised here. ``rows`` restricts the anchors (for large data sets). Returns
+    (len(rows),) float32, torch's linear interpolation between order statistics.
     """
-    a, c = F.normalize(anchors.float(), dim=1), F.normalize(columns.float(), dim=1)
+    blocks = [columns] if isinstance(columns, Tensor) else list(columns)
+    a = F.normalize(anchors.float(), dim=1)
+    blocks = [F.normalize(c.float(), dim=1) for c in blocks]
     rows = torch.arange(len(a)) if rows is None else rows
     out = []
     for r in rows.split(chunk):
-        sim = a[r] @ c.T
-        if exclude_diagonal:
+        sims = []
+        for c in blocks:
+            sim = a[r] @ c.T
             sim[torch.arange(len(r)), r] = float("nan")
-        out.append(torch.nanquantile(sim, 1.0 - alpha, dim=1))
+            sims.append(sim)
+        out.append(torch.nanquantile(torch.cat(sims, 1), 1.0 - alpha, dim=1))
     return torch.cat(out)
 
 
@@ -440,7 +450,7 @@ def train_epochs(params, loss_fn: nn.Module, step: Callable[[Tensor], Tensor], n
     Returns one dict per epoch: the mean of ``loss_fn.last_stats`` over the epoch's steps (the
     loss's diagnostics, e.g. false-negative precision and recall) and the mean loss.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     opt = torch.optim.Adam(params, lr=lr, weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     history = []
@@ -516,7 +526,8 @@ def settings_line(args: argparse.Namespace, elapsed: float) -> str:
     n = "all" if args.subset is None else str(args.subset)
     extra = f", base {args.base}" if hasattr(args, "base") else ""
     return (f"{args.dataset} ({n} samples), {args.epochs} epochs, batch {args.batch_size}"
-            f"{extra}, α={args.alpha}, lr_λ={args.lr_lambda}, start epoch {args.start_epoch}, "
+            f"{extra}, α={args.alpha}, lr_λ={args.lr_lambda}, λ learned and applied from epoch "
+            f"{args.start_epoch + 1}, "
             f"seeds {seeds}, device {args.device}, {elapsed:.0f} s")
 
 
@@ -612,7 +623,7 @@ def _pyplot():
 def plot_accuracy(table: list, keys: Sequence[str], path: str, title: str) -> None:
     """Grouped bars: one group per metric, one bar per method, error bars = std over seeds."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
     width = 0.8 / len(table)
     lo = []
     for i, row in enumerate(table):
@@ -625,7 +636,7 @@ def plot_accuracy(table: list, keys: Sequence[str], path: str, title: str) -> No
     ax.set_ylim(max(0.0, min(lo, default=0.0) - 10), min(100.0, max(lo, default=100.0) + 5))
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
-    ax.legend(ncol=len(table), fontsize=8, loc="lower center")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -80,11 +80,15 @@ def make_train_one(args, data: common.ImageData):
         lambdas = {}
         fnd = getattr(loss_fn, "fnd", None)  # GloFND state: (N,) for glofnd, (1,) for single
         if fnd is not None and args.start_epoch < args.epochs:
-            # The value λ estimates: each sample's (1−α)-quantile of its cosines to all other
-            # training samples, from the final embeddings (un-augmented; self excluded).
-            z = common.embed(model, data.train_x, device)
+            # The value λ estimates, from the final model over the whole training set: each
+            # sample's (1−α)-quantile of its cosines to all other samples, each seen, as in
+            # training, through random views (one view as anchor, columns: both views of the
+            # others; self and positive excluded).
+            with torch.no_grad():
+                za, zb = (common.embed(lambda xb: model(augment(xb)), data.train_x, device)
+                          for _ in range(2))
             rows = torch.randperm(n)[:5000].sort().values if n > 5000 else None
-            q = common.true_quantiles(z, z, args.alpha, rows=rows)
+            q = common.true_quantiles(za, [zb, za], args.alpha, rows=rows)
             lam = fnd.lambdas.detach().float().cpu().expand(n)
             lam = lam if rows is None else lam[rows]
             lambdas["λ_i" if method == "glofnd" else "shared λ"] = (lam, q)
