@@ -18,7 +18,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -507,7 +506,14 @@ def run_methods(args: argparse.Namespace, train_one: Callable[[str, int], RunRes
     for method in args.methods:
         for seed in args.seeds:
             seed_everything(seed)
-            results[method].append(train_one(method, seed))
+            t = time.time()
+            run = train_one(method, seed)
+            results[method].append(run)
+            last = run.history[-1] if run.history else {}
+            figures = [f"{COLUMN_NAMES.get(k, k)} {run.metrics[k]:.1f}" for k in accuracy_keys]
+            figures += [f"{COLUMN_NAMES[k]} {100 * last[k]:.1f}" for k in FN_KEYS if k in last]
+            print(f"{method:>6} seed {seed}: " + ", ".join(figures) + f" ({time.time() - t:.0f} s)",
+                  flush=True)
     elapsed = time.time() - t0
     table = summarise(results, accuracy_keys)
     settings = settings_line(args, elapsed)
