@@ -49,9 +49,10 @@ def threshold_step(
 
     sim (R, M) float32/float64; index (R,) int64 in [0, N); valid (R, M) bool or None;
     lambdas, exp_avg, exp_avg_sq (N,) float32 and steps (N,) int32, updated in place.
+    Non-finite entries are never valid.
     mask (R, M) bool: valid and above the new λ of the row's index; kept (R,) int64.
     """
-    ok = ~torch.isnan(sim)
+    ok = torch.isfinite(sim)  # NaN and ±inf are never valid
     if valid is not None:
         ok &= valid
     if update:
