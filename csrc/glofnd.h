@@ -46,7 +46,7 @@ typedef struct {
     double lr;           /* step size, >= 0 */
     double beta1, beta2; /* Adam decay rates, in [0, 1) */
     double eps;          /* Adam denominator term, > 0 */
-    double lo, hi;       /* lambda is clamped to [lo, hi] */
+    double lo, hi;       /* lambda is clamped to [lo, hi], finite float32 values */
     int optimizer;       /* enum glofnd_optimizer */
     int64_t step;        /* > 0: Adam bias correction uses this t for all; 0: per-sample count */
     int update;          /* 0: mask with the current lambda, state untouched */

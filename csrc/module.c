@@ -11,6 +11,9 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <float.h>
+#include <math.h>
+
 #include "glofnd.h"
 
 /* Borrowed array check for the in-place state: never converted, so updates cannot be lost. */
@@ -142,7 +145,8 @@ static int check_params(const glofnd_params *p)
     REQUIRE(p->beta1 >= 0.0 && p->beta1 < 1.0, "beta1 must lie in [0, 1)");
     REQUIRE(p->beta2 >= 0.0 && p->beta2 < 1.0, "beta2 must lie in [0, 1)");
     REQUIRE(p->eps > 0.0 && isfinite(p->eps), "eps must be finite and > 0");
-    REQUIRE(isfinite(p->lo) && isfinite(p->hi) && p->lo <= p->hi, "lo, hi must be finite, lo <= hi");
+    REQUIRE(fabs(p->lo) <= FLT_MAX && fabs(p->hi) <= FLT_MAX && p->lo <= p->hi,
+            "lo, hi must be finite float32 values, lo <= hi");
     REQUIRE(p->optimizer == GLOFND_ADAM || p->optimizer == GLOFND_SGD,
             "optimizer must be 0 (adam) or 1 (sgd)");
     REQUIRE(p->step >= 0, "step must be >= 0");

@@ -16,6 +16,7 @@ _OPT = {"adam": 0, "sgd": 1}
 _STATE = (("lambdas", np.float32), ("exp_avg", np.float32), ("exp_avg_sq", np.float32),
           ("steps", np.int32))
 _MAX_THREADS = 1024  # the C binding's limit
+_F32 = float(np.finfo(np.float32).max)  # λ is stored in float32: bounds beyond would round to inf
 
 
 def _is_int(value) -> bool:
@@ -102,7 +103,7 @@ def init_state(num_samples: int, init_lambda: float = 1.0) -> dict:
         raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
     if not 0 < num_samples <= np.iinfo(np.intp).max // 4:
         raise ValueError(f"num_samples must be > 0 and addressable, got {num_samples}")
-    init = _real("init_lambda", init_lambda, -np.inf, np.inf, True, True)
+    init = _real("init_lambda", init_lambda, -_F32, _F32, False, False)
     return {
         "lambdas": np.full(num_samples, init, dtype=np.float32),
         "exp_avg": np.zeros(num_samples, dtype=np.float32),
@@ -156,8 +157,8 @@ def threshold_step(sim, index, state: dict, valid=None, *, alpha: float = 0.01,
                   beta1=_real("betas[0]", beta1, 0.0, 1.0, False, True),
                   beta2=_real("betas[1]", beta2, 0.0, 1.0, False, True),
                   eps=_real("eps", eps, 0.0, np.inf, True, True),
-                  lo=_real("clamp[0]", lo, -np.inf, np.inf, True, True),
-                  hi=_real("clamp[1]", hi, -np.inf, np.inf, True, True),
+                  lo=_real("clamp[0]", lo, -_F32, _F32, False, False),
+                  hi=_real("clamp[1]", hi, -_F32, _F32, False, False),
                   optimizer=_OPT[optimizer])
     if kwargs["lo"] > kwargs["hi"]:
         raise ValueError(f"clamp must have clamp[0] <= clamp[1], got {tuple(clamp)}")
@@ -183,10 +184,11 @@ def _reference(sim, index, state, valid, kwargs):
 
     from .reference import threshold_step as ref
 
-    # inputs were checked by threshold_step; torch.from_numpy needs non-negative strides
-    s = torch.from_numpy(np.ascontiguousarray(sim))
+    # inputs were checked by threshold_step; torch.from_numpy refuses negative strides, which
+    # ascontiguousarray keeps on a flipped dimension of size 1: copy
+    s = torch.from_numpy(np.array(sim, order="C"))
     ix = torch.from_numpy(index.astype(np.int64))
-    v = None if valid is None else torch.from_numpy(np.ascontiguousarray(valid))
+    v = None if valid is None else torch.from_numpy(np.array(valid, order="C"))
     tensors = {k: torch.from_numpy(state[k]) for k, _ in _STATE}
     mask, kept = ref(s, ix, v, tensors["lambdas"], tensors["exp_avg"],
                      tensors["exp_avg_sq"], tensors["steps"], **kwargs)

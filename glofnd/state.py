@@ -141,8 +141,9 @@ class GloFND(nn.Module):
         self.betas = (_check_real("betas[0]", betas[0], 0.0, 1.0, False, True),
                       _check_real("betas[1]", betas[1], 0.0, 1.0, False, True))
         self.eps = _check_real("eps", eps, 0.0, math.inf, True, True)
-        lo = _check_real("clamp[0]", clamp[0], -math.inf, math.inf, True, True)
-        hi = _check_real("clamp[1]", clamp[1], lo, math.inf, False, True)
+        f32 = float(torch.finfo(torch.float32).max)  # λ is float32: wider bounds round to inf
+        lo = _check_real("clamp[0]", clamp[0], -f32, f32, False, False)
+        hi = _check_real("clamp[1]", clamp[1], lo, f32, False, False)
         self.clamp = (lo, hi)
         init = _check_real("init_lambda", init_lambda, lo, hi, False, False)
         self.optimizer = optimizer

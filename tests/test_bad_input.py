@@ -218,6 +218,7 @@ ROWS = [
     Row(C, "lo>hi", {"lo": 0.5, "hi": -0.5}, ValueError, "lo"),
     Row(C, "lo=nan", {"lo": nan}, ValueError, "lo"),
     Row(C, "hi=inf", {"hi": inf}, ValueError, "hi"),
+    Row(C, "hi-beyond-float32", {"hi": 1e39}, ValueError, "hi"),
     Row(C, "optimizer=2", {"optimizer": 2}, ValueError, "optimizer"),
     Row(C, "optimizer-huge", {"optimizer": 2**80}, ValueError, "optimizer"),
     Row(C, "optimizer-str", {"optimizer": "adam"}, TypeError, "optimizer"),
@@ -243,6 +244,7 @@ ROWS = [
     *[Row(NP, f"eps={v}", {"eps": v}, ValueError, "eps") for v in (0.0, -1e-8, nan, inf)],
     Row(NP, "clamp-reversed", {"clamp": (0.5, -0.5)}, ValueError, "clamp"),
     Row(NP, "clamp-nan", {"clamp": (nan, 1.0)}, ValueError, "clamp[0]"),
+    Row(NP, "clamp-beyond-float32", {"clamp": (-1.0, 1e39)}, ValueError, "clamp[1]"),
     Row(NP, "clamp-none", {"clamp": None}, TypeError, "clamp"),
     *[Row(NP, f"optimizer={v!r}", {"optimizer": v}, ValueError, "optimizer")
       for v in ("adamw", None, 0, ["adam"])],
@@ -260,7 +262,7 @@ ROWS = [
     *[Row(INIT, f"num_samples-{type(v).__name__}", {"num_samples": v}, TypeError, "num_samples")
       for v in (1.5, "10", True, None)],
     *[Row(INIT, f"init_lambda={v}", {"init_lambda": v}, ValueError, "init_lambda")
-      for v in (nan, inf)],
+      for v in (nan, inf, 1e39)],
     Row(INIT, "init_lambda-str", {"init_lambda": "1"}, TypeError, "init_lambda"),
     Row(INIT, "unknown-option", {"alpha": 0.1}, TypeError, "alpha"),
     # --- GloFND constructor --------------------------------------------------------------------
@@ -286,6 +288,8 @@ ROWS = [
       for v in ("step", ["sample"])],
     Row(CTOR, "clamp-reversed", {"clamp": (1.0, -1.0)}, ValueError, "clamp[1]"),
     Row(CTOR, "clamp-nan", {"clamp": (nan, 1.0)}, ValueError, "clamp[0]"),
+    Row(CTOR, "clamp-beyond-float32", {"clamp": (-1e39, 1.0), "init_lambda": 0.0}, ValueError,
+        "clamp[0]"),
     Row(CTOR, "clamp-single", {"clamp": (-1.0,)}, TypeError, "clamp"),
     Row(CTOR, "unknown-option", {"momentum": 0.9}, TypeError, "momentum"),
     # --- GloFND forward / step -----------------------------------------------------------------
