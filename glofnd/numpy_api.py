@@ -127,7 +127,11 @@ def threshold_step(sim, index, state: dict, valid=None, *, alpha: float = 0.01,
         state: a dict from :func:`init_state`, updated in place.
         valid: (R, M) bool array or None (all valid). Non-finite entries (NaN, ±inf) are never valid.
         step: 0 for per-sample Adam bias correction, t > 0 to use t for every sample.
-        num_threads: OpenMP threads (default: all cores); the result does not depend on it.
+        num_threads: OpenMP threads (default: all cores, at most 1024); the result does not
+            depend on it.
+
+    Threads: there is no lock here; calls on different states may run in parallel (the GIL is
+    released in the kernel), calls on one state must be serialised by the caller.
 
     Returns:
         ``(mask, kept)``: (R, M) bool and (R,) int64 counts of valid entries not masked.

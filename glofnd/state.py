@@ -103,6 +103,9 @@ class GloFND(nn.Module):
     ``steps`` (N,) int32. CPU tensors run the C kernel (multi-threaded, bit-identical for any
     thread count); others run the pure-torch reference on their own device.
 
+    Threads: calls on one module are serialised by its lock (the result is that of some serial
+    order); different modules step in parallel (the C kernel releases the GIL).
+
     Example::
 
         >>> fnd = GloFND(num_samples=1000, alpha=0.01)
