@@ -125,7 +125,8 @@ def threshold_step(sim, index, state: dict, valid=None, *, alpha: float = 0.01,
         sim: (R, M) float32 or float64 array (read through its strides, not copied).
         index: (R,) integer array of data-set ids in [0, N).
         state: a dict from :func:`init_state`, updated in place.
-        valid: (R, M) bool array or None (all valid). Non-finite entries (NaN, ±inf) are never valid.
+        valid: (R, M) bool array or None (all valid). Non-finite entries (NaN, ±inf) are never
+            valid.
         step: 0 for per-sample Adam bias correction, t > 0 to use t for every sample.
         num_threads: OpenMP threads (default: all cores, at most 1024); the result does not
             depend on it.
@@ -167,7 +168,8 @@ def threshold_step(sim, index, state: dict, valid=None, *, alpha: float = 0.01,
     if kwargs["lo"] > kwargs["hi"]:
         raise ValueError(f"clamp must have clamp[0] <= clamp[1], got {tuple(clamp)}")
     if not _is_int(step) or step < 0:
-        raise (ValueError if _is_int(step) else TypeError)(f"step must be an int >= 0, got {step!r}")
+        raise (ValueError if _is_int(step) else TypeError)(
+            f"step must be an int >= 0, got {step!r}")
     if not isinstance(update, (bool, np.bool_)):
         raise TypeError(f"update must be a bool, got {type(update).__name__}")
     if num_threads is not None and (not _is_int(num_threads) or

@@ -232,7 +232,8 @@ ROWS = [
     Row(C, "num_threads-float", {"num_threads": 2.0}, TypeError, "num_threads"),
     Row(C, "unknown-option", {"momentum": 0.9}, TypeError, "momentum"),
     # --- hyper-parameters, NumPy API names -----------------------------------------------------
-    *[Row(NP, f"alpha={v}", {"alpha": v}, ValueError, "alpha") for v in (0.0, 1.0, -0.5, nan, inf)],
+    *[Row(NP, f"alpha={v}", {"alpha": v}, ValueError, "alpha")
+      for v in (0.0, 1.0, -0.5, nan, inf)],
     *[Row(NP, f"alpha-{type(v).__name__}", {"alpha": v}, TypeError, "alpha")
       for v in ("0.1", None, True, [0.1])],
     *[Row(NP, f"lr={v}", {"lr": v}, ValueError, "lr") for v in (-1.0, nan, inf)],
@@ -321,7 +322,8 @@ ROWS = [
     *[Row(MOD, f"update-{type(v).__name__}", {"update": v}, TypeError, "update")
       for v in ("yes", None, torch.ones(2))],
     Row(MOD, "unknown-option", {"momentum": 0.9}, TypeError, "momentum"),
-    Row(MOD, "state-float64", {}, TypeError, "lambdas", prepare=lambda ctx: ctx["module"].double()),
+    Row(MOD, "state-float64", {}, TypeError, "lambdas",
+        prepare=lambda ctx: ctx["module"].double()),
     Row(MOD, "steps-int64", {}, TypeError, "steps", prepare=_buffer("steps", lambda t: t.long())),
     Row(MOD, "exp_avg-strided", {}, ValueError, "exp_avg",
         prepare=_buffer("exp_avg", lambda t: t.repeat_interleave(2)[::2])),

@@ -101,7 +101,8 @@ def test_index_without_finite_entry_keeps_its_state(backend, kind):
     assert not mask[[1, 2, 4]].any() and kept[[1, 2, 4]].tolist() == [0, 0, 0]
     # index 1's update equals the one from its finite row alone
     solo = glofnd.GloFND(5, alpha=0.1, lr=0.5)
-    solo.load_state_dict({k: v.clone() for k, v in before.items()} | {"_extra_state": {"epoch": 0}})
+    solo.load_state_dict({k: v.clone() for k, v in before.items()}
+                         | {"_extra_state": {"epoch": 0}})
     solo.step(torch.from_numpy(sim[3:4]), torch.tensor([1]))
     assert fnd.lambdas[1].item() == solo.lambdas[1].item()
 

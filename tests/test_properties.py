@@ -137,6 +137,7 @@ def _any_array():
 
 def _garbage():
     scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
+                        st.integers(-3, 3000),
                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3),
                         st.complex_numbers(max_magnitude=10))
     return st.one_of(scalars, _any_array(), st.lists(scalars, max_size=3),
