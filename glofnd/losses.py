@@ -82,7 +82,7 @@ def gathered_step(fnd: GloFND, sim: Tensor, index: Tensor, valid: Optional[Tenso
     O(batch) state crosses devices. Returns ``(mask, lam)`` with ``lam`` (R,) the rows' new λ.
     Same semantics and, on the CPU, the same bytes as ``fnd.step``.
     """
-    check_batch(sim, index, valid, fnd.num_samples, fnd.check_index)
+    check_batch(sim, index, valid, fnd.num_samples)
     home, dev = fnd.lambdas.device, sim.device
     uniq, inv = torch.unique(index.to(torch.int64), return_inverse=True)
     at = uniq.to(home)
@@ -109,8 +109,6 @@ def gathered_step(fnd: GloFND, sim: Tensor, index: Tensor, valid: Optional[Tenso
 class _Detector(nn.Module):
     """Shared machinery: method, schedule, state placement, diagnostics."""
 
-    _state_names: tuple[str, ...] = ()
-
     def __init__(self, num_samples: int, alpha: float, lr: float, method: str, base: str,
                  bases: tuple[str, ...], gamma: float, start_update: int, start_mask: int,
                  state_on_cpu: bool, fnd_kwargs: dict):
@@ -136,19 +134,31 @@ class _Detector(nn.Module):
                              f"({start_update}): the mask uses the learned λ")
         self.state_on_cpu = bool(state_on_cpu)
         self.epoch = 0
-        self.check_index = True
+        self._check_index = True
         self._fnd_kwargs = dict(fnd_kwargs, alpha=alpha, lr=lr)
         self._stats: dict[str, Tensor] = {}
 
     def _new_fnd(self) -> Optional[GloFND]:
-        if self.method == "glofnd":
-            return GloFND(self.num_samples, **self._fnd_kwargs)
-        if self.method == "single":
-            return GloFND(1, **self._fnd_kwargs)
-        return None
+        if self.method not in ("glofnd", "single"):
+            return None
+        return GloFND(self.num_samples if self.method == "glofnd" else 1, **self._fnd_kwargs)
+
+    @property
+    def check_index(self) -> bool:
+        """Whether each call checks 0 <= index < num_samples (default True). The check reads the
+        index's min and max: a host sync on accelerators and a graph break under torch.compile.
+        Set it to False when the data pipeline guarantees the range."""
+        return self._check_index
+
+    @check_index.setter
+    def check_index(self, value: bool) -> None:
+        self._check_index = bool(value)
 
     def _fnds(self) -> list[GloFND]:
         return [m for m in self.children() if isinstance(m, GloFND)]
+
+    # In eval mode (``loss.eval()``, e.g. a validation loop) the state is read but not written:
+    # masks use the current λ and u is not moved, so that held-out indices leave it untouched.
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch of the schedule: λ is learned from ``start_update`` and masks apply
@@ -186,7 +196,7 @@ class _Detector(nn.Module):
         if method == "none":
             return None, None, None
         if method in ("glofnd", "single"):
-            update = self.epoch >= self.start_update
+            update = self.training and self.epoch >= self.start_update
             if not (update or mask_on):
                 return None, None, None
             ids = index if method == "glofnd" else torch.zeros_like(index)
@@ -224,7 +234,7 @@ class _Detector(nn.Module):
         r"""SogCLR moving average (SPEC 5b): per row u_r = (1−γ)u_i + γ ĝ_r (ĝ_r as is where u_i
         is 0); u_i ← the mean of u_r over the rows of index i that have kept negatives. Only the
         batch's entries are read or written (gathered from and scattered to the state's device).
-        Returns log u_r (R,) in the dtype of ``log_g``."""
+        Returns log u_r (R,) in the dtype of ``log_g``. In eval mode u is read, not written."""
         home = u.device
         uniq, inv = torch.unique(index, return_inverse=True)
         at = uniq.to(home)
@@ -239,7 +249,8 @@ class _Detector(nn.Module):
         count.index_add_(0, inv, has.to(new.dtype))
         stored = u[at].to(device=new.device, dtype=new.dtype)
         stored = torch.where(count > 0, total / count.clamp(min=1), stored)
-        u[at] = stored.to(device=home, dtype=u.dtype)
+        if self.training:
+            u[at] = stored.to(device=home, dtype=u.dtype)
         return torch.where(has & (new > 0), torch.log(new), torch.zeros_like(new))
 
     def _apply(self, fn, recurse=True):
@@ -250,6 +261,16 @@ class _Detector(nn.Module):
                 return t
             return out if out.dtype == t.dtype else t.to(out.device)
         return super()._apply(keep_state, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name, buf in self._buffers.items():
+            saved = state_dict.get(prefix + name)
+            if buf is not None and saved is not None and saved.shape != buf.shape:
+                raise ValueError(f"the checkpoint's {name} has num_samples={saved.shape[0]}, "
+                                 f"this loss has num_samples={self.num_samples}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def get_extra_state(self):
         return {"epoch": self.epoch}
@@ -313,7 +334,7 @@ class GloFNDLoss(_Detector):
     State: ``fnd`` (:class:`GloFND`, or None for fnc/oracle/none; size 1 for single), ``u``
     (sogclr), ``epoch``; all in ``state_dict``. CPU tensors run λ's step in the C kernel, other
     devices the reference on their own device (the module must be on that device, or use
-    ``state_on_cpu``). Deterministic on the CPU.
+    ``state_on_cpu``). In eval mode the state is read, not written. Deterministic on the CPU.
 
     Example::
 

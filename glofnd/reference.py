@@ -26,6 +26,59 @@ def _ipow(base: float, exponent: Tensor) -> Tensor:
     return result
 
 
+def row_counts(sim: Tensor, index: Tensor, valid: Optional[Tensor],
+               lambdas: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row: entries above the row's current λ, and valid entries; both (R,) int64."""
+    ok = _valid(sim, valid)
+    above = ((sim > lambdas[index].to(sim.dtype).unsqueeze(1)) & ok).sum(1)
+    return above, ok.sum(1)
+
+
+def pooled_update(index: Tensor, above: Tensor, nvalid: Tensor, lambdas: Tensor,
+                  exp_avg: Tensor, exp_avg_sq: Tensor, steps: Tensor, alpha: float, lr: float,
+                  beta1: float = 0.9, beta2: float = 0.98, eps: float = 1e-8, lo: float = -1.0,
+                  hi: float = 1.0, optimizer: int = ADAM, step: int = 0) -> None:
+    """Pools the row counts of each distinct index into g_i = α − above_i/valid_i and takes one
+    Adam/SGD step on λ_i in place (indices without a valid entry are left as they are)."""
+    uniq, inv = torch.unique(index, return_inverse=True)
+    count = torch.zeros(uniq.shape, dtype=torch.int64, device=index.device)
+    total = torch.zeros_like(count)
+    count.index_add_(0, inv, above)
+    total.index_add_(0, inv, nvalid)
+    has = total > 0
+    ids = uniq[has]
+    g = alpha - count[has].double() / total[has].double()
+    t = torch.clamp(steps[ids].to(torch.int64) + 1, max=2**31 - 1)
+    lam = lambdas[ids].double()
+    if optimizer == ADAM:
+        m = beta1 * exp_avg[ids].double() + (1.0 - beta1) * g
+        v = beta2 * exp_avg_sq[ids].double() + (1.0 - beta2) * g * g
+        tb = torch.full_like(t, step) if step > 0 else t
+        mhat = m / (1.0 - _ipow(beta1, tb))
+        vhat = v / (1.0 - _ipow(beta2, tb))
+        lam = lam - lr * mhat / (vhat.sqrt() + eps)
+        exp_avg[ids] = m.float()
+        exp_avg_sq[ids] = v.float()
+    else:
+        lam = lam - lr * g
+    lambdas[ids] = lam.clamp(lo, hi).float()
+    steps[ids] = t.to(steps.dtype)
+
+
+def mask_rows(sim: Tensor, index: Tensor, valid: Optional[Tensor],
+              lambdas: Tensor) -> tuple[Tensor, Tensor]:
+    """``(mask, kept)``: valid entries strictly above λ of the row's index, and per row the valid
+    entries that are not flagged."""
+    ok = _valid(sim, valid)
+    mask = (sim > lambdas[index].to(sim.dtype).unsqueeze(1)) & ok
+    return mask, (ok & ~mask).sum(1)
+
+
+def _valid(sim: Tensor, valid: Optional[Tensor]) -> Tensor:
+    ok = torch.isfinite(sim)  # NaN and ±inf are never valid
+    return ok if valid is None else ok & valid
+
+
 def threshold_step(
     sim: Tensor,
     index: Tensor,
@@ -49,37 +102,13 @@ def threshold_step(
 
     sim (R, M) float32/float64; index (R,) int64 in [0, N); valid (R, M) bool or None;
     lambdas, exp_avg, exp_avg_sq (N,) float32 and steps (N,) int32, updated in place.
+    Non-finite entries are never valid.
     mask (R, M) bool: valid and above the new λ of the row's index; kept (R,) int64.
+    The three phases are separate functions so that multi-process training can pool the
+    counts of all processes between them.
     """
-    ok = ~torch.isnan(sim)
-    if valid is not None:
-        ok &= valid
     if update:
-        uniq, inv = torch.unique(index, return_inverse=True)
-        lam_rows = lambdas[uniq][inv].to(sim.dtype).unsqueeze(1)
-        above = ((sim > lam_rows) & ok).sum(1)
-        count = torch.zeros(uniq.shape, dtype=torch.int64, device=sim.device)
-        nvalid = torch.zeros_like(count)
-        count.index_add_(0, inv, above)
-        nvalid.index_add_(0, inv, ok.sum(1))
-        has = nvalid > 0
-        ids = uniq[has]
-        g = alpha - count[has].double() / nvalid[has].double()
-        t = torch.clamp(steps[ids].to(torch.int64) + 1, max=2**31 - 1)
-        lam = lambdas[ids].double()
-        if optimizer == ADAM:
-            m = beta1 * exp_avg[ids].double() + (1.0 - beta1) * g
-            v = beta2 * exp_avg_sq[ids].double() + (1.0 - beta2) * g * g
-            tb = torch.full_like(t, step) if step > 0 else t
-            mhat = m / (1.0 - _ipow(beta1, tb))
-            vhat = v / (1.0 - _ipow(beta2, tb))
-            lam = lam - lr * mhat / (vhat.sqrt() + eps)
-            exp_avg[ids] = m.float()
-            exp_avg_sq[ids] = v.float()
-        else:
-            lam = lam - lr * g
-        lambdas[ids] = lam.clamp(lo, hi).float()
-        steps[ids] = t.to(steps.dtype)
-    mask = (sim > lambdas[index].to(sim.dtype).unsqueeze(1)) & ok
-    kept = (ok & ~mask).sum(1)
-    return mask, kept
+        above, nvalid = row_counts(sim, index, valid, lambdas)
+        pooled_update(index, above, nvalid, lambdas, exp_avg, exp_avg_sq, steps, alpha, lr,
+                      beta1, beta2, eps, lo, hi, optimizer, step)
+    return mask_rows(sim, index, valid, lambdas)

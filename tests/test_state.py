@@ -1,0 +1,132 @@
+"""The GloFND module: checkpoints, devices, dtypes, custom-op registration, argument checks."""
+import copy
+import io
+
+import pytest
+import torch
+
+import glofnd
+from glofnd import _ops
+
+STATE = ("lambdas", "exp_avg", "exp_avg_sq", "steps")
+
+
+def batches(n, steps, seed=0, cols=20):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=gen)[:6]
+        yield torch.rand(12, cols, generator=gen) * 2 - 1, torch.cat([idx, idx])
+
+
+def test_state_dict_roundtrip_continues_identically(backend):
+    a = glofnd.GloFND(30, alpha=0.1, bias_correction="epoch")
+    stream = list(batches(30, 20))
+    for epoch, (sim, idx) in enumerate(stream[:10]):
+        a.set_epoch(epoch // 3)
+        a(sim, idx)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = glofnd.GloFND(30, alpha=0.1, bias_correction="epoch")
+    b.load_state_dict(torch.load(buf))
+    assert b.epoch == a.epoch
+    for k in STATE:
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+    for sim, idx in stream[10:]:
+        assert torch.equal(a(sim, idx), b(sim, idx))
+    for k in STATE:
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+
+
+def test_load_with_other_num_samples_is_a_clear_error():
+    a, b = glofnd.GloFND(30), glofnd.GloFND(31)
+    for sim, idx in batches(30, 3):
+        b(sim, idx)
+    before = {k: getattr(b, k).clone() for k in STATE}
+    with pytest.raises(ValueError, match="num_samples"):
+        b.load_state_dict(a.state_dict())
+    for k in STATE:
+        assert torch.equal(before[k], getattr(b, k)), k
+
+
+def test_state_stays_float32_and_moves_with_to():
+    fnd = glofnd.GloFND(10)
+    fnd.double()
+    assert fnd.lambdas.dtype == torch.float32 and fnd.exp_avg_sq.dtype == torch.float32
+    assert fnd.steps.dtype == torch.int32
+    fnd.to("meta")
+    assert fnd.lambdas.device.type == "meta"
+    with pytest.raises(ValueError, match="state is on meta"):
+        fnd(torch.rand(2, 3), torch.tensor([0, 1]))
+    clone = copy.deepcopy(glofnd.GloFND(5))  # the lock is rebuilt, not copied
+    assert clone(torch.rand(2, 3), torch.tensor([0, 1])).shape == (2, 3)
+
+
+def test_state_is_in_state_dict_and_float32_for_any_input_dtype(backend):
+    fnd = glofnd.GloFND(8)
+    fnd(torch.rand(4, 5, dtype=torch.float64), torch.arange(4))
+    fnd(torch.rand(4, 5).half(), torch.arange(4))
+    sd = fnd.state_dict()
+    assert set(STATE) <= set(sd)
+    assert all(sd[k].dtype == torch.float32 for k in ("lambdas", "exp_avg", "exp_avg_sq"))
+
+
+def test_custom_op_passes_opcheck(backend):
+    gen = torch.Generator().manual_seed(3)
+    n = 12
+    args = (torch.rand(6, 7, generator=gen), torch.randint(0, n, (6,), generator=gen),
+            torch.rand(6, 7, generator=gen) > 0.2, torch.ones(n), torch.zeros(n), torch.zeros(n),
+            torch.zeros(n, dtype=torch.int32), 0.1, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, 0, 0, True)
+    torch.library.opcheck(_ops.threshold_step, args)
+
+
+def test_compiles_with_fake_kernel(backend):
+    """torch.compile traces the op through its fake kernel (no graph break) and gives the same
+    masks and state as eager."""
+    a, b = glofnd.GloFND(20, alpha=0.2), glofnd.GloFND(20, alpha=0.2)
+
+    def f(module, sim, idx):
+        return module(sim * 1.0, idx)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for sim, idx in batches(20, 4):
+        assert torch.equal(compiled(a, sim, idx), f(b, sim, idx))
+    for k in STATE:
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(num_samples=0), ValueError, "num_samples"),
+    (dict(num_samples=3.0), TypeError, "num_samples"),
+    (dict(num_samples=5, alpha=1.0), ValueError, "alpha"),
+    (dict(num_samples=5, alpha=float("nan")), ValueError, "alpha"),
+    (dict(num_samples=5, lr=-1), ValueError, "lr"),
+    (dict(num_samples=5, optimizer="adamw"), ValueError, "optimizer"),
+    (dict(num_samples=5, bias_correction="global"), ValueError, "bias_correction"),
+    (dict(num_samples=5, init_lambda=2.0), ValueError, "init_lambda"),
+    (dict(num_samples=5, betas=(0.9, 1.0)), ValueError, "betas"),
+])
+def test_bad_constructor_arguments(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        glofnd.GloFND(**kwargs)
+
+
+@pytest.mark.parametrize("sim,index,valid,exc,name", [
+    (torch.rand(3), torch.arange(3), None, ValueError, "sim"),
+    (torch.rand(0, 4), torch.arange(0), None, ValueError, "sim"),
+    (torch.ones(3, 4, dtype=torch.int64), torch.arange(3), None, TypeError, "sim"),
+    (torch.rand(3, 4), torch.arange(4), None, ValueError, "index"),
+    (torch.rand(3, 4), torch.tensor([0.0, 1.0, 2.0]), None, TypeError, "index"),
+    (torch.rand(3, 4), torch.tensor([0, 1, 9]), None, IndexError, "index"),
+    (torch.rand(3, 4), torch.tensor([0, -1, 2]), None, IndexError, "index"),
+    (torch.rand(3, 4), torch.arange(3), torch.ones(3, 5, dtype=torch.bool), ValueError, "valid"),
+    (torch.rand(3, 4), torch.arange(3), torch.ones(3, 4), TypeError, "valid"),
+])
+def test_bad_batch_leaves_state(backend, sim, index, valid, exc, name):
+    fnd = glofnd.GloFND(5)
+    fnd(torch.rand(2, 4), torch.tensor([0, 1]))
+    before = {k: getattr(fnd, k).clone() for k in STATE}
+    with pytest.raises(exc, match=name):
+        fnd(sim, index, valid)
+    for k in STATE:
+        assert torch.equal(before[k], getattr(fnd, k)), k
