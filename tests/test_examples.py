@@ -117,6 +117,59 @@ def test_torchvision_datasets_fail_clearly_without_torchvision(monkeypatch):
         common.load_torchvision_data("cifar10", "data", False, 32, None)
 
 
+def _fake_torchvision(found=True):
+    """A stand-in module with torchvision's data-set interface (``.data`` uint8 arrays: CIFAR-10
+    (N, H, W, 3) with ``.targets``, STL-10 (N, 3, H, W) with ``.labels``)."""
+    import types
+
+    def pixels(*shape):  # distinct values per position: a wrong axis order shows
+        return (np.arange(np.prod(shape)) % 251).astype(np.uint8).reshape(shape)
+
+    class Cifar:
+        classes = [f"c{i}" for i in range(10)]
+
+        def __init__(self, root, train, download):
+            if not found:
+                raise RuntimeError("Dataset not found or corrupted.")
+            n = 50 if train else 20
+            self.data = pixels(n, 32, 32, 3)
+            self.targets = list(range(10)) * (n // 10)
+
+    class Stl:
+        classes = Cifar.classes
+
+        def __init__(self, root, split, download):
+            n = 30 if split == "train" else 10
+            self.data = pixels(n, 3, 96, 96)
+            self.labels = np.arange(n) % 10
+
+    return types.SimpleNamespace(datasets=types.SimpleNamespace(CIFAR10=Cifar, STL10=Stl))
+
+
+@pytest.mark.parametrize("name, shape, n_train", [("cifar10", (3, 32, 32), 50),
+                                                  ("stl10", (3, 96, 96), 30)])
+def test_torchvision_datasets_become_tensors(monkeypatch, name, shape, n_train):
+    tv = _fake_torchvision()
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    d = common.load_torchvision_data(name, "data", False, 32, None)
+    ref = getattr(tv.datasets, "CIFAR10" if name == "cifar10" else "STL10")
+    assert d.train_x.shape == (n_train,) + shape and d.train_x.dtype == torch.float32
+    raw = ref("data", True, False) if name == "cifar10" else ref("data", "train", False)
+    want = raw.data.astype(np.float64) / 255.0
+    want = want.transpose(0, 3, 1, 2) if name == "cifar10" else want  # to (N, C, H, W)
+    assert np.allclose(d.train_x.numpy(), want, atol=1e-7)
+    assert d.train_y.dtype == torch.int64 and d.train_y.tolist() == [i % 10 for i in range(n_train)]
+    assert d.classes == ref.classes
+    sub = common.load_torchvision_data(name, "data", False, 32, 20)
+    assert len(sub.train_y) == 16 and len(sub.test_y) == 4
+
+
+def test_torchvision_dataset_missing_says_download(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", _fake_torchvision(found=False))
+    with pytest.raises(SystemExit, match="--download"):
+        common.load_torchvision_data("cifar10", "data", False, 32, None)
+
+
 def test_clip_captions_describe_their_class():
     clip = _load("clip")
     caps = clip.Captions(common.DIGIT_NAMES)
