@@ -46,7 +46,7 @@ typedef struct {
     double lr;           /* step size, >= 0 */
     double beta1, beta2; /* Adam decay rates, in [0, 1) */
     double eps;          /* Adam denominator term, > 0 */
-    double lo, hi;       /* lambda is clamped to [lo, hi] */
+    double lo, hi;       /* lambda is clamped to [lo, hi], finite float32 values */
     int optimizer;       /* enum glofnd_optimizer */
     int64_t step;        /* > 0: Adam bias correction uses this t for all; 0: per-sample count */
     int update;          /* 0: mask with the current lambda, state untouched */
@@ -56,7 +56,8 @@ typedef struct {
 /* Update lambda of every distinct index in the batch from the share of its valid entries above
  * the current lambda (all rows of one index pooled), then write mask[r*M + j] = 1 where entry
  * (r, j) is valid and above the new lambda of index[r], and kept[r] = valid entries not masked.
- * NaN entries are never valid. mask (R*M) and kept (R) are contiguous outputs. */
+ * Non-finite entries (NaN, +-inf) are never valid: never counted, never flagged; an index with no
+ * valid entry keeps its state. mask (R*M) and kept (R) are contiguous outputs. */
 int glofnd_step_f32(const float *sim, const glofnd_batch *batch, glofnd_state *state,
                     const glofnd_params *params, uint8_t *mask, int64_t *kept);
 int glofnd_step_f64(const double *sim, const glofnd_batch *batch, glofnd_state *state,

@@ -11,6 +11,9 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <float.h>
+#include <math.h>
+
 #include "glofnd.h"
 
 /* Borrowed array check for the in-place state: never converted, so updates cannot be lost. */
@@ -88,15 +91,25 @@ static PyArrayObject *as_index(PyObject *obj, npy_intp rows, npy_intp n)
                      (Py_ssize_t)rows);
         return NULL;
     }
-    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, NPY_INT64, NPY_ARRAY_IN_ARRAY);
+    /* unsigned ids are read as uint64 (a safe cast); once checked below n <= INT64_MAX their
+     * bits are the same int64 values, so the kernel reads the buffer as int64 */
+    const int unsig = PyArray_ISUNSIGNED((PyArrayObject *)obj);
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, unsig ? NPY_UINT64 : NPY_INT64,
+                                                         NPY_ARRAY_IN_ARRAY);
     if (a == NULL)
         return NULL;
     const int64_t *ix = (const int64_t *)PyArray_DATA(a);
+    const uint64_t *ux = (const uint64_t *)PyArray_DATA(a);
     for (npy_intp r = 0; r < rows; ++r) {
-        if (ix[r] < 0 || ix[r] >= n) {
-            PyErr_Format(PyExc_IndexError,
-                         "index[%zd] = %lld is outside [0, num_samples = %zd)", (Py_ssize_t)r,
-                         (long long)ix[r], (Py_ssize_t)n);
+        if (unsig ? ux[r] >= (uint64_t)n : (ix[r] < 0 || ix[r] >= n)) {
+            if (unsig)
+                PyErr_Format(PyExc_IndexError,
+                             "index[%zd] = %llu is outside [0, num_samples = %zd)", (Py_ssize_t)r,
+                             (unsigned long long)ux[r], (Py_ssize_t)n);
+            else
+                PyErr_Format(PyExc_IndexError,
+                             "index[%zd] = %lld is outside [0, num_samples = %zd)", (Py_ssize_t)r,
+                             (long long)ix[r], (Py_ssize_t)n);
             Py_DECREF(a);
             return NULL;
         }
@@ -132,13 +145,63 @@ static int check_params(const glofnd_params *p)
     REQUIRE(p->beta1 >= 0.0 && p->beta1 < 1.0, "beta1 must lie in [0, 1)");
     REQUIRE(p->beta2 >= 0.0 && p->beta2 < 1.0, "beta2 must lie in [0, 1)");
     REQUIRE(p->eps > 0.0 && isfinite(p->eps), "eps must be finite and > 0");
-    REQUIRE(isfinite(p->lo) && isfinite(p->hi) && p->lo <= p->hi, "lo, hi must be finite, lo <= hi");
+    REQUIRE(fabs(p->lo) <= FLT_MAX && fabs(p->hi) <= FLT_MAX && p->lo <= p->hi,
+            "lo, hi must be finite float32 values, lo <= hi");
     REQUIRE(p->optimizer == GLOFND_ADAM || p->optimizer == GLOFND_SGD,
             "optimizer must be 0 (adam) or 1 (sgd)");
     REQUIRE(p->step >= 0, "step must be >= 0");
 #undef REQUIRE
     return 0;
 }
+
+/* obj as a C double; TypeError naming the argument when it is not a real number. */
+static int get_double(PyObject *obj, const char *name, double *out)
+{
+    if (obj == NULL)
+        return 0;
+    if (PyBool_Check(obj) || PyArray_Check(obj) ||
+        !(PyFloat_Check(obj) || PyIndex_Check(obj) || PyArray_IsScalar(obj, Floating))) {
+        PyErr_Format(PyExc_TypeError, "%s must be a real number, got %s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const double v = PyFloat_AsDouble(obj);
+    if (v == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear(); /* e.g. an int beyond the double range */
+        PyErr_Format(PyExc_ValueError, "%s is out of range", name);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* obj as an integer in [lo, hi]; TypeError / ValueError naming the argument otherwise. */
+static int get_int(PyObject *obj, const char *name, long long lo, long long hi, long long *out)
+{
+    if (obj == NULL)
+        return 0;
+    if (PyArray_IsScalar(obj, Bool)) /* numpy.bool_ has no __index__ */
+        obj = PyObject_IsTrue(obj) ? Py_True : Py_False;
+    PyObject *ix = PyArray_Check(obj) || !PyIndex_Check(obj) ? NULL : PyNumber_Index(obj);
+    if (ix == NULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(ix, &overflow);
+    Py_DECREF(ix);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow != 0 || v < lo || v > hi) {
+        PyErr_Format(PyExc_ValueError, "%s must lie in [%lld, %lld]", name, lo, hi);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+#define GLOFND_MAX_THREADS 1024
 
 static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
 {
@@ -147,14 +210,39 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
                              "steps", "alpha", "lr", "beta1", "beta2", "eps", "lo", "hi",
                              "optimizer", "step", "update", "num_threads", NULL};
     PyObject *sim_o, *index_o, *valid_o, *lam_o, *m_o, *v_o, *t_o;
+    PyObject *o[11] = {NULL};
     glofnd_params p = {0.01, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, GLOFND_ADAM, 0, 1, 1};
-    long long step = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$dddddddiLpi", kwlist, &sim_o, &index_o,
-                                     &valid_o, &lam_o, &m_o, &v_o, &t_o, &p.alpha, &p.lr,
-                                     &p.beta1, &p.beta2, &p.eps, &p.lo, &p.hi, &p.optimizer,
-                                     &step, &p.update, &p.num_threads))
+    long long optimizer = p.optimizer, step = 0, update = 1, threads = 1;
+    /* CPython reports an extra keyword only by count when all others are given: name it */
+    PyObject *key;
+    Py_ssize_t pos = 0;
+    while (kwds != NULL && PyDict_Next(kwds, &pos, &key, NULL)) {
+        int known = 0;
+        for (char **k = kwlist; *k != NULL && !known; ++k)
+            known = PyUnicode_Check(key) && PyUnicode_CompareWithASCIIString(key, *k) == 0;
+        if (!known) {
+            PyErr_Format(PyExc_TypeError, "step() got an unexpected keyword argument %R", key);
+            return NULL;
+        }
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$OOOOOOOOOOO", kwlist, &sim_o,
+                                     &index_o, &valid_o, &lam_o, &m_o, &v_o, &t_o, &o[0], &o[1],
+                                     &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9],
+                                     &o[10]))
         return NULL;
+    if (get_double(o[0], "alpha", &p.alpha) < 0 || get_double(o[1], "lr", &p.lr) < 0 ||
+        get_double(o[2], "beta1", &p.beta1) < 0 || get_double(o[3], "beta2", &p.beta2) < 0 ||
+        get_double(o[4], "eps", &p.eps) < 0 || get_double(o[5], "lo", &p.lo) < 0 ||
+        get_double(o[6], "hi", &p.hi) < 0 ||
+        get_int(o[7], "optimizer", 0, 1, &optimizer) < 0 ||
+        get_int(o[8], "step", 0, INT64_MAX, &step) < 0 ||
+        get_int(o[9], "update", 0, 1, &update) < 0 ||
+        get_int(o[10], "num_threads", 0, GLOFND_MAX_THREADS, &threads) < 0)
+        return NULL;
+    p.optimizer = (int)optimizer;
     p.step = (int64_t)step;
+    p.update = (int)update;
+    p.num_threads = (int)threads;
     if (check_params(&p) < 0)
         return NULL;
 
@@ -167,6 +255,20 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
         check_state_array(v_o, "exp_avg_sq", NPY_FLOAT32, "float32", n) < 0 ||
         check_state_array(t_o, "steps", NPY_INT32, "int32", n) < 0)
         return NULL;
+    {
+        PyObject *st_o[4] = {lam_o, m_o, v_o, t_o};
+        static const char *st_names[4] = {"lambdas", "exp_avg", "exp_avg_sq", "steps"};
+        for (int a = 0; a < 4; ++a)
+            for (int b2 = a + 1; b2 < 4; ++b2) {
+                const char *pa = PyArray_BYTES((PyArrayObject *)st_o[a]);
+                const char *pb = PyArray_BYTES((PyArrayObject *)st_o[b2]);
+                if (n > 0 && pa < pb + 4 * n && pb < pa + 4 * n) {
+                    PyErr_Format(PyExc_ValueError, "%s and %s must not share memory",
+                                 st_names[a], st_names[b2]);
+                    return NULL;
+                }
+            }
+    }
 
     if ((sim = as_sim(sim_o)) == NULL)
         goto done;

@@ -5,7 +5,7 @@
 #define GLOFND_CAT(a, b) GLOFND_CAT_(a, b)
 #define FN(name) GLOFND_CAT(name, SUF)
 
-/* Counts of one row against lam: entries above it, and valid (non-NaN, unmasked) entries.
+/* Counts of one row against lam: entries above it, and valid (finite, unmasked) entries.
  * Called with cs == 1 and vr == NULL on the hot path, where it inlines into a vector loop. */
 static inline void FN(count_row)(const T *s, int64_t cs, const uint8_t *vr, int64_t vcs,
                                  int64_t cols, T lam, int64_t *above, int64_t *nvalid)
@@ -18,13 +18,14 @@ static inline void FN(count_row)(const T *s, int64_t cs, const uint8_t *vr, int6
         if (vr == NULL) {
             for (int64_t j = j0; j < j1; ++j) {
                 const T x = s[j * cs];
-                ca += x > lam;
-                cv += x == x;
+                const int ok = isfinite(x) != 0; /* NaN and +-inf are never valid */
+                ca += ok & (x > lam);
+                cv += ok;
             }
         } else {
             for (int64_t j = j0; j < j1; ++j) {
                 const T x = s[j * cs];
-                const int ok = (vr[j * vcs] != 0) & (x == x);
+                const int ok = (vr[j * vcs] != 0) & (isfinite(x) != 0);
                 ca += ok & (x > lam);
                 cv += ok;
             }
@@ -47,14 +48,15 @@ static inline int64_t FN(mask_row)(const T *s, int64_t cs, const uint8_t *vr, in
         if (vr == NULL) {
             for (int64_t j = j0; j < j1; ++j) {
                 const T x = s[j * cs];
-                const uint8_t f = x > lam; /* NaN compares false */
+                const int ok = isfinite(x) != 0;
+                const uint8_t f = (uint8_t)(ok & (x > lam));
                 out[j] = f;
-                k += (x == x) - f;
+                k += ok - f;
             }
         } else {
             for (int64_t j = j0; j < j1; ++j) {
                 const T x = s[j * cs];
-                const int ok = (vr[j * vcs] != 0) & (x == x);
+                const int ok = (vr[j * vcs] != 0) & (isfinite(x) != 0);
                 const uint8_t f = (uint8_t)(ok & (x > lam));
                 out[j] = f;
                 k += ok - f;

@@ -7,6 +7,7 @@
  * store; the pure-torch reference performs the same operations in the same order. */
 #include "glofnd.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -73,8 +74,8 @@ static int check_args(const glofnd_batch *b, const glofnd_state *st, const glofn
         return GLOFND_EINVAL;
     if (!(p->alpha > 0.0 && p->alpha < 1.0) || !(p->lr >= 0.0) || !isfinite(p->lr) ||
         !(p->beta1 >= 0.0 && p->beta1 < 1.0) || !(p->beta2 >= 0.0 && p->beta2 < 1.0) ||
-        !(p->eps > 0.0) || !isfinite(p->eps) || !(p->lo <= p->hi) || !isfinite(p->lo) ||
-        !isfinite(p->hi) || p->step < 0 ||
+        !(p->eps > 0.0) || !isfinite(p->eps) || !(p->lo <= p->hi) || !(fabs(p->lo) <= FLT_MAX) ||
+        !(fabs(p->hi) <= FLT_MAX) || p->step < 0 ||
         (p->optimizer != GLOFND_ADAM && p->optimizer != GLOFND_SGD))
         return GLOFND_EINVAL;
     for (int64_t r = 0; r < b->rows; ++r)

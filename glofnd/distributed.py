@@ -228,6 +228,8 @@ def _validate(fnd, sim, index, valid) -> Optional[BaseException]:
     from .state import check_batch  # state imports this module
     try:
         check_batch(sim, index, valid, fnd.num_samples, check_index=True)
+        if hasattr(fnd, "_check_state"):
+            fnd._check_state()
         if sim.device != fnd.lambdas.device:
             raise ValueError(f"sim is on {sim.device} but the state is on "
                              f"{fnd.lambdas.device}; move the module with .to(device)")
@@ -251,10 +253,9 @@ def _mask(sim: Tensor, index: Tensor, valid: Optional[Tensor], lambdas: Tensor,
           fnd, state: Optional[tuple] = None) -> tuple[Tensor, Tensor]:
     """(mask, kept) against ``lambdas[index]`` through the fused op with update=False (which
     reads λ only; ``state`` supplies the other tensors the op takes, else zeros)."""
-    if state is None:
-        zeros = torch.zeros(lambdas.shape, dtype=torch.float32, device=lambdas.device)
-        state = (zeros, zeros, torch.zeros(lambdas.shape, dtype=torch.int32,
-                                           device=lambdas.device))
+    if state is None:  # three separate buffers: the binding refuses aliased state
+        state = (torch.zeros_like(lambdas), torch.zeros_like(lambdas),
+                 torch.zeros(lambdas.shape, dtype=torch.int32, device=lambdas.device))
     return _ops.threshold_step(sim, index, valid, lambdas, *state, *_hyper(fnd, 0), False)
 
 

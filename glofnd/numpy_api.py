@@ -13,17 +13,99 @@ except ImportError:
     _C = None
 
 _OPT = {"adam": 0, "sgd": 1}
+_STATE = (("lambdas", np.float32), ("exp_avg", np.float32), ("exp_avg_sq", np.float32),
+          ("steps", np.int32))
+_MAX_THREADS = 1024  # the C binding's limit
+_F32 = float(np.finfo(np.float32).max)  # λ is stored in float32: bounds beyond would round to inf
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _real(name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
+    """value as a float inside the interval; TypeError / ValueError naming ``name`` otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        v = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is out of range") from None
+    below = v <= lo if lo_open else v < lo
+    above = v >= hi if hi_open else v > hi
+    if not np.isfinite(v) or below or above:
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must lie in {lb}{lo}, {hi}{rb}, got {v}")
+    return v
+
+
+def _pair(name: str, value) -> tuple:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair, got {type(value).__name__}")
+    return tuple(value)
+
+
+def _check_state(state) -> int:
+    """The state's length N, after checking what the in-place update needs of each array."""
+    if not isinstance(state, dict) or any(k not in state for k, _ in _STATE):
+        raise TypeError("state must be a dict from glofnd.numpy_api.init_state")
+    n = None
+    for key, dtype in _STATE:
+        a = state[key]
+        if not isinstance(a, np.ndarray) or a.dtype != dtype:
+            got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+            raise TypeError(f"state[{key!r}] must be a numpy.ndarray of dtype "
+                            f"{np.dtype(dtype).name}, got {got}")
+        n = a.shape[0] if n is None and a.ndim == 1 else n
+        if a.ndim != 1 or a.shape[0] != n:
+            raise ValueError(f"state[{key!r}] must be 1-D of length {n} (num_samples), "
+                             f"got shape {a.shape}")
+        if not (a.flags.c_contiguous and a.flags.writeable and a.flags.aligned):
+            raise ValueError(f"state[{key!r}] must be C-contiguous, aligned and writeable")
+    for i, (a, _) in enumerate(_STATE):
+        for b, _ in _STATE[i + 1:]:
+            if np.may_share_memory(state[a], state[b]):
+                raise ValueError(f"state[{a!r}] and state[{b!r}] must not share memory")
+    return n
+
+
+def _check_batch(sim, index, valid, n: int) -> None:
+    if not isinstance(sim, np.ndarray):
+        raise TypeError(f"sim must be a numpy.ndarray, got {type(sim).__name__}")
+    if sim.dtype not in (np.float32, np.float64):
+        raise TypeError(f"sim must have dtype float32 or float64, got {sim.dtype}")
+    if sim.ndim != 2:
+        raise ValueError(f"sim must be 2-D (rows, columns), got shape {sim.shape}")
+    if sim.size == 0:
+        raise ValueError(f"sim is empty: shape {sim.shape}")
+    if not isinstance(index, np.ndarray) or index.dtype == np.bool_ or \
+            not np.issubdtype(index.dtype, np.integer):
+        got = index.dtype if isinstance(index, np.ndarray) else type(index).__name__
+        raise TypeError(f"index must be a numpy.ndarray of integers, got {got}")
+    if index.shape != sim.shape[:1]:
+        raise ValueError(f"index must have shape ({sim.shape[0]},) (the rows of sim), "
+                         f"got {index.shape}")
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= n:
+        raise IndexError(f"index holds {lo if lo < 0 else hi}, outside [0, num_samples={n})")
+    if valid is not None:
+        if not isinstance(valid, np.ndarray) or valid.dtype != np.bool_:
+            raise TypeError("valid must be None or a numpy.ndarray of dtype bool")
+        if valid.shape != sim.shape:
+            raise ValueError(f"valid must have the shape of sim {sim.shape}, got {valid.shape}")
 
 
 def init_state(num_samples: int, init_lambda: float = 1.0) -> dict:
     """A fresh state: ``lambdas`` (N,) float32 at ``init_lambda``, zero Adam moments
     ``exp_avg``/``exp_avg_sq`` (N,) float32 and update counts ``steps`` (N,) int32."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+    if not _is_int(num_samples):
         raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
-    if num_samples <= 0:
-        raise ValueError(f"num_samples must be > 0, got {num_samples}")
+    if not 0 < num_samples <= np.iinfo(np.intp).max // 4:
+        raise ValueError(f"num_samples must be > 0 and addressable, got {num_samples}")
+    init = _real("init_lambda", init_lambda, -_F32, _F32, False, False)
     return {
-        "lambdas": np.full(num_samples, init_lambda, dtype=np.float32),
+        "lambdas": np.full(num_samples, init, dtype=np.float32),
         "exp_avg": np.zeros(num_samples, dtype=np.float32),
         "exp_avg_sq": np.zeros(num_samples, dtype=np.float32),
         "steps": np.zeros(num_samples, dtype=np.int32),
@@ -43,12 +125,23 @@ def threshold_step(sim, index, state: dict, valid=None, *, alpha: float = 0.01,
         sim: (R, M) float32 or float64 array (read through its strides, not copied).
         index: (R,) integer array of data-set ids in [0, N).
         state: a dict from :func:`init_state`, updated in place.
-        valid: (R, M) bool array or None (all valid). NaN entries are never valid.
+        valid: (R, M) bool array or None (all valid). Non-finite entries (NaN, ±inf) are never
+            valid.
         step: 0 for per-sample Adam bias correction, t > 0 to use t for every sample.
-        num_threads: OpenMP threads (default: all cores); the result does not depend on it.
+        num_threads: OpenMP threads (default: all cores, at most 1024); the result does not
+            depend on it.
+
+    Threads: there is no lock here; calls on different states may run in parallel (the GIL is
+    released in the kernel), calls on one state must be serialised by the caller.
 
     Returns:
         ``(mask, kept)``: (R, M) bool and (R,) int64 counts of valid entries not masked.
+
+    Raises:
+        TypeError, ValueError, IndexError (naming the argument) on bad input: wrong types,
+        dtypes or shapes, an empty batch, indices outside [0, N), hyper-parameters out of range,
+        state arrays that are not 1-D, C-contiguous, writeable and of their dtype. The state is
+        checked before anything is written: on error it is left exactly as it was.
 
     Example::
 
@@ -58,19 +151,37 @@ def threshold_step(sim, index, state: dict, valid=None, *, alpha: float = 0.01,
         >>> mask.shape, kept.shape
         ((4, 6), (4,))
     """
-    if not isinstance(state, dict) or any(k not in state for k in
-                                         ("lambdas", "exp_avg", "exp_avg_sq", "steps")):
-        raise TypeError("state must be a dict from glofnd.numpy_api.init_state")
-    if optimizer not in _OPT:
+    n = _check_state(state)
+    _check_batch(sim, index, valid, n)
+    if not isinstance(optimizer, str) or optimizer not in _OPT:
         raise ValueError(f"optimizer must be one of {sorted(_OPT)}, got {optimizer!r}")
-    kwargs = dict(alpha=float(alpha), lr=float(lr), beta1=float(betas[0]),
-                  beta2=float(betas[1]), eps=float(eps), lo=float(clamp[0]),
-                  hi=float(clamp[1]), optimizer=_OPT[optimizer], step=int(step),
-                  update=bool(update))
+    beta1, beta2 = _pair("betas", betas)
+    lo, hi = _pair("clamp", clamp)
+    kwargs = dict(alpha=_real("alpha", alpha, 0.0, 1.0, True, True),
+                  lr=_real("lr", lr, 0.0, np.inf, False, True),
+                  beta1=_real("betas[0]", beta1, 0.0, 1.0, False, True),
+                  beta2=_real("betas[1]", beta2, 0.0, 1.0, False, True),
+                  eps=_real("eps", eps, 0.0, np.inf, True, True),
+                  lo=_real("clamp[0]", lo, -_F32, _F32, False, False),
+                  hi=_real("clamp[1]", hi, -_F32, _F32, False, False),
+                  optimizer=_OPT[optimizer])
+    if kwargs["lo"] > kwargs["hi"]:
+        raise ValueError(f"clamp must have clamp[0] <= clamp[1], got {tuple(clamp)}")
+    if not _is_int(step) or step < 0:
+        raise (ValueError if _is_int(step) else TypeError)(
+            f"step must be an int >= 0, got {step!r}")
+    if not isinstance(update, (bool, np.bool_)):
+        raise TypeError(f"update must be a bool, got {type(update).__name__}")
+    if num_threads is not None and (not _is_int(num_threads) or
+                                    not 0 <= num_threads <= _MAX_THREADS):
+        raise (ValueError if _is_int(num_threads) else TypeError)(
+            f"num_threads must be None or an int in [0, {_MAX_THREADS}], got {num_threads!r}")
+    kwargs.update(step=int(step), update=bool(update))
     if _C is not None:
         threads = num_threads if num_threads is not None else (os.cpu_count() or 1)
         return _C.step(sim, index, valid, state["lambdas"], state["exp_avg"],
-                       state["exp_avg_sq"], state["steps"], num_threads=int(threads), **kwargs)
+                       state["exp_avg_sq"], state["steps"],
+                       num_threads=min(int(threads), _MAX_THREADS), **kwargs)
     return _reference(sim, index, state, valid, kwargs)
 
 
@@ -78,13 +189,13 @@ def _reference(sim, index, state, valid, kwargs):
     import torch
 
     from .reference import threshold_step as ref
-    from .state import check_batch
 
-    n = state["lambdas"].shape[0]
-    s, ix = torch.from_numpy(np.asarray(sim)), torch.from_numpy(np.asarray(index))
-    v = None if valid is None else torch.from_numpy(np.asarray(valid))
-    check_batch(s, ix, v, n)
-    tensors = {k: torch.from_numpy(state[k]) for k in ("lambdas", "exp_avg", "exp_avg_sq", "steps")}
-    mask, kept = ref(s, ix.long(), v, tensors["lambdas"], tensors["exp_avg"],
+    # inputs were checked by threshold_step; torch.from_numpy refuses negative strides, which
+    # ascontiguousarray keeps on a flipped dimension of size 1: copy
+    s = torch.from_numpy(np.array(sim, order="C"))
+    ix = torch.from_numpy(index.astype(np.int64))
+    v = None if valid is None else torch.from_numpy(np.array(valid, order="C"))
+    tensors = {k: torch.from_numpy(state[k]) for k, _ in _STATE}
+    mask, kept = ref(s, ix, v, tensors["lambdas"], tensors["exp_avg"],
                      tensors["exp_avg_sq"], tensors["steps"], **kwargs)
     return mask.numpy(), kept.numpy()

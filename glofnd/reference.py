@@ -75,7 +75,7 @@ def mask_rows(sim: Tensor, index: Tensor, valid: Optional[Tensor],
 
 
 def _valid(sim: Tensor, valid: Optional[Tensor]) -> Tensor:
-    ok = ~torch.isnan(sim)
+    ok = torch.isfinite(sim)  # NaN and ±inf are never valid
     return ok if valid is None else ok & valid
 
 
@@ -102,6 +102,7 @@ def threshold_step(
 
     sim (R, M) float32/float64; index (R,) int64 in [0, N); valid (R, M) bool or None;
     lambdas, exp_avg, exp_avg_sq (N,) float32 and steps (N,) int32, updated in place.
+    Non-finite entries are never valid.
     mask (R, M) bool: valid and above the new λ of the row's index; kept (R,) int64.
     The three phases are separate functions so that multi-process training can pool the
     counts of all processes between them.

@@ -5,6 +5,7 @@ import math
 import threading
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -57,10 +58,15 @@ def check_batch(sim: Tensor, index: Tensor, valid: Optional[Tensor], num_samples
         if valid.device != sim.device:
             raise ValueError(f"valid is on {valid.device} but sim is on {sim.device}")
     if check_index:
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= num_samples:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"index holds {bad}, outside [0, num_samples={num_samples})")
+        check_index_range(index, num_samples)
+
+
+def check_index_range(index: Tensor, num_samples: int) -> None:
+    """IndexError unless every entry of ``index`` lies in [0, num_samples) (reads the values)."""
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= num_samples:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"index holds {bad}, outside [0, num_samples={num_samples})")
 
 
 class GloFND(nn.Module):
@@ -101,11 +107,15 @@ class GloFND(nn.Module):
     Shapes: ``sim`` (R, M) cosines of R rows against M columns, any float dtype (float16 and
     bfloat16 are compared in float32); ``index`` (R,) integer data-set ids of the rows' anchors,
     repeated ids allowed (pooled into one update); ``valid`` (R, M) bool or None (all valid).
-    NaN entries are neither valid nor flagged; a row without a valid entry does not move λ.
+    Non-finite entries (NaN, ±inf) are neither valid nor flagged; an index without a valid entry
+    in the batch keeps its state (λ stays finite whatever the similarities hold).
 
     State (float32, saved in ``state_dict``): ``lambdas``, ``exp_avg``, ``exp_avg_sq`` (N,), and
     ``steps`` (N,) int32. CPU tensors run the C kernel (multi-threaded, bit-identical for any
     thread count); others run the pure-torch reference on their own device.
+
+    Threads: calls on one module are serialised by its lock (the result is that of some serial
+    order); different modules step in parallel (the C kernel releases the GIL).
 
     Example::
 
@@ -130,11 +140,11 @@ class GloFND(nn.Module):
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int):
             raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be > 0, got {num_samples}")
-        if optimizer not in _OPTIMIZERS:
+        if not 0 < num_samples < 2**62:
+            raise ValueError(f"num_samples must be > 0 and addressable, got {num_samples}")
+        if not isinstance(optimizer, str) or optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
-        if bias_correction not in _BIAS_CORRECTION:
+        if not isinstance(bias_correction, str) or bias_correction not in _BIAS_CORRECTION:
             raise ValueError(f"bias_correction must be one of {_BIAS_CORRECTION}, "
                              f"got {bias_correction!r}")
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -147,8 +157,9 @@ class GloFND(nn.Module):
         self.betas = (_check_real("betas[0]", betas[0], 0.0, 1.0, False, True),
                       _check_real("betas[1]", betas[1], 0.0, 1.0, False, True))
         self.eps = _check_real("eps", eps, 0.0, math.inf, True, True)
-        lo = _check_real("clamp[0]", clamp[0], -math.inf, math.inf, True, True)
-        hi = _check_real("clamp[1]", clamp[1], lo, math.inf, False, True)
+        f32 = float(torch.finfo(torch.float32).max)  # λ is float32: wider bounds round to inf
+        lo = _check_real("clamp[0]", clamp[0], -f32, f32, False, False)
+        hi = _check_real("clamp[1]", clamp[1], lo, f32, False, False)
         self.clamp = (lo, hi)
         init = _check_real("init_lambda", init_lambda, lo, hi, False, False)
         self.optimizer = optimizer
@@ -183,13 +194,18 @@ class GloFND(nn.Module):
         ``update=True``, and always when sharded): every process calls it with its own rows."""
         step = self.epoch + 1 if self.bias_correction == "epoch" else 0
         if self._multi_process():
+            if not isinstance(update, (bool, np.bool_)):
+                raise TypeError(f"update must be a bool, got {type(update).__name__}")
             return _dist.step(self, sim, index, valid, bool(update), step)
         # the index range is checked by the op's kernels (C and reference), which keeps this
         # path free of data-dependent Python and traceable by torch.compile
         check_batch(sim, index, valid, self.num_samples, check_index=False)
+        self._check_state()
         if sim.device != self.lambdas.device:
             raise ValueError(f"sim is on {sim.device} but the state is on {self.lambdas.device}; "
                              "move the module with .to(device)")
+        if not isinstance(update, (bool, np.bool_)):
+            raise TypeError(f"update must be a bool, got {type(update).__name__}")
         sim = sim.detach()
         if sim.dtype not in (torch.float32, torch.float64):
             sim = sim.float()
@@ -225,6 +241,26 @@ class GloFND(nn.Module):
         """Accepts the current state as this module's own after a deliberate change between
         steps (the overwrite check of multi-process runs would otherwise report it)."""
         _dist.forget_write(self)
+
+    def _check_state(self) -> None:
+        """The buffers as the kernels update them in place: (N,) contiguous, float32 (int32 for
+        ``steps``), on one device. Casting the module (``.double()``, ``.half()``) breaks this.
+        A sharded state holds this process's share of the N entries."""
+        n = self.num_samples
+        if self.distributed == "sharded":
+            n = _dist.shard_size(n, *self.shard)
+        for name, dtype in (("lambdas", torch.float32), ("exp_avg", torch.float32),
+                            ("exp_avg_sq", torch.float32), ("steps", torch.int32)):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor) or t.dtype != dtype:
+                got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(f"the state buffer {name} must have dtype {dtype}, got {got}")
+            if t.shape != (n,) or not t.is_contiguous():
+                raise ValueError(f"the state buffer {name} must be contiguous of shape "
+                                 f"({n},), got {tuple(t.shape)}")
+            if t.device != self.lambdas.device:
+                raise ValueError(f"the state buffer {name} is on {t.device}, lambdas on "
+                                 f"{self.lambdas.device}")
 
     def forward(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
                 update: bool = True) -> Tensor:

@@ -1,0 +1,433 @@
+"""Bad input raises TypeError / ValueError / IndexError naming the argument, and changes nothing.
+
+The test is a table: each *target* knows how to build a good call (and the state it may touch);
+each *row* changes that call in one way and names the exception and the argument the message must
+mention. Every row checks, bit for bit, that the state and every array argument are the same
+after the failed call as before. New entry points (the losses) join by adding a target and rows.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pytest
+import torch
+
+import glofnd
+from glofnd import _ops, numpy_api
+
+N = 6  # num_samples of every target's state
+DROP = object()  # an override that removes the argument
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets: a good call, and how to run it with some arguments changed.
+
+
+def _np_state(rng):
+    # A state that is not the initial one, so that any write would show.
+    return {
+        "lambdas": rng.uniform(-0.5, 0.5, N).astype(np.float32),
+        "exp_avg": rng.uniform(-0.1, 0.1, N).astype(np.float32),
+        "exp_avg_sq": rng.uniform(0.0, 0.1, N).astype(np.float32),
+        "steps": rng.integers(0, 9, N).astype(np.int32),
+    }
+
+
+def _np_batch(rng):
+    return {"sim": rng.uniform(-1, 1, (4, 5)).astype(np.float32),
+            "index": np.array([0, 1, 2, 0]), "valid": rng.random((4, 5)) < 0.8}
+
+
+@dataclass
+class Target:
+    name: str
+    backends: tuple  # backends the call runs on ("c", "reference"), or ("none",)
+    setup: Callable[[np.random.Generator], dict]  # -> context: {"kwargs": ..., "state": ...}
+    call: Callable[[dict, dict], Any]  # (context, kwargs) -> result
+
+
+def _c_setup(rng):
+    st = _np_state(rng)
+    kw = dict(_np_batch(rng), **st, alpha=0.3, lr=0.05, beta1=0.9, beta2=0.98, eps=1e-8, lo=-1.0,
+              hi=1.0, optimizer=0, step=0, update=True, num_threads=2)
+    return {"kwargs": kw, "state": st}
+
+
+def _numpy_setup(rng):
+    st = _np_state(rng)
+    kw = dict(_np_batch(rng), state=st, alpha=0.3, lr=0.05, optimizer="adam", betas=(0.9, 0.98),
+              eps=1e-8, clamp=(-1.0, 1.0), step=0, update=True, num_threads=2)
+    return {"kwargs": kw, "state": st}
+
+
+def _module_setup(rng):
+    fnd = glofnd.GloFND(N, alpha=0.3)
+    st = _np_state(rng)
+    with torch.no_grad():
+        for k, v in st.items():
+            getattr(fnd, k).copy_(torch.from_numpy(v))
+    b = _np_batch(rng)
+    kw = {"sim": torch.from_numpy(b["sim"]), "index": torch.from_numpy(b["index"]),
+          "valid": torch.from_numpy(b["valid"]), "update": True}
+    return {"kwargs": kw, "module": fnd}
+
+
+def _module_state(ctx):
+    return dict(ctx["module"].named_buffers())
+
+
+TARGETS = {
+    "_C.step": Target("_C.step", ("c",), _c_setup, lambda ctx, kw: glofnd._ops._C.step(**kw)),
+    "numpy.threshold_step": Target("numpy.threshold_step", ("c", "reference"), _numpy_setup,
+                                   lambda ctx, kw: numpy_api.threshold_step(**kw)),
+    "numpy.init_state": Target("numpy.init_state", ("none",),
+                               lambda rng: {"kwargs": {"num_samples": N, "init_lambda": 0.5}},
+                               lambda ctx, kw: numpy_api.init_state(**kw)),
+    "GloFND()": Target("GloFND()", ("none",),
+                       lambda rng: {"kwargs": dict(num_samples=N, alpha=0.01, lr=0.05,
+                                                   optimizer="adam", betas=(0.9, 0.98), eps=1e-8,
+                                                   init_lambda=1.0, bias_correction="sample",
+                                                   clamp=(-1.0, 1.0))},
+                       lambda ctx, kw: glofnd.GloFND(**kw)),
+    "GloFND.step": Target("GloFND.step", ("c", "reference"), _module_setup,
+                          lambda ctx, kw: ctx["module"].step(**kw)),
+    "GloFND.forward": Target("GloFND.forward", ("c", "reference"), _module_setup,
+                             lambda ctx, kw: ctx["module"](**kw)),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows. `change` is a dict of overrides (DROP removes the argument) or a function of the context
+# returning one (for values built from the state); `prepare` may alter the context first.
+
+
+@dataclass
+class Row:
+    targets: tuple
+    id: str
+    change: Any
+    error: type
+    name: str  # the argument the message must name
+    prepare: Optional[Callable[[dict], None]] = field(default=None)
+
+
+C, NP, INIT, CTOR = ("_C.step",), ("numpy.threshold_step",), ("numpy.init_state",), ("GloFND()",)
+MOD = ("GloFND.step", "GloFND.forward")
+ARR = C + NP  # rows on NumPy arrays shared by the binding and the NumPy API
+nan, inf = math.nan, math.inf
+
+
+def _np(f):
+    """A change computed from a fresh default batch of NumPy arrays."""
+    return lambda ctx: f(ctx["kwargs"])
+
+
+def _st(key, f):
+    """A change of one state array: on _C.step it is an argument, on the NumPy API a dict entry."""
+    def change(ctx):
+        new = f(ctx["kwargs"].get(key, ctx["state"][key]))
+        if "state" in ctx["kwargs"]:
+            return {"state": dict(ctx["state"], **{key: new})}
+        return {key: new}
+    return change
+
+
+def _readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def _strided(a):
+    return np.repeat(a, 2)[::2]
+
+
+def _t(f):
+    """A change computed from the default torch batch."""
+    return lambda ctx: f(ctx["kwargs"])
+
+
+def _buffer(name, f):
+    def prepare(ctx):
+        m = ctx["module"]
+        setattr(m, name, f(getattr(m, name)))
+    return prepare
+
+
+ROWS = [
+    # --- sim -----------------------------------------------------------------------------------
+    Row(ARR, "sim-list", _np(lambda k: {"sim": k["sim"].tolist()}), TypeError, "sim"),
+    Row(ARR, "sim-int", _np(lambda k: {"sim": k["sim"].astype(np.int32)}), TypeError, "sim"),
+    Row(ARR, "sim-complex", _np(lambda k: {"sim": k["sim"].astype(np.complex64)}), TypeError,
+        "sim"),
+    Row(ARR, "sim-float16", _np(lambda k: {"sim": k["sim"].astype(np.float16)}), TypeError, "sim"),
+    Row(ARR, "sim-1d", _np(lambda k: {"sim": k["sim"][0]}), ValueError, "sim"),
+    Row(ARR, "sim-3d", _np(lambda k: {"sim": k["sim"][None]}), ValueError, "sim"),
+    Row(ARR, "sim-missing", {"sim": DROP}, TypeError, "sim"),
+    Row(NP, "sim-empty-rows", _np(lambda k: {"sim": k["sim"][:0], "index": k["index"][:0],
+                                             "valid": None}), ValueError, "sim"),
+    Row(NP, "sim-empty-cols", _np(lambda k: {"sim": k["sim"][:, :0], "valid": None}), ValueError,
+        "sim"),
+    # --- index ---------------------------------------------------------------------------------
+    Row(ARR, "index-list", {"index": [0, 1, 2, 0]}, TypeError, "index"),
+    Row(ARR, "index-float", {"index": np.array([0.0, 1.0, 2.0, 0.0])}, TypeError, "index"),
+    Row(ARR, "index-bool", {"index": np.array([True, False, True, False])}, TypeError, "index"),
+    Row(ARR, "index-object", {"index": np.array([0, 1, 2, 0], dtype=object)}, TypeError, "index"),
+    Row(ARR, "index-short", {"index": np.array([0, 1, 2])}, ValueError, "index"),
+    Row(ARR, "index-2d", {"index": np.array([[0, 1, 2, 0]])}, ValueError, "index"),
+    Row(ARR, "index-too-large", {"index": np.array([0, 1, N, 0])}, IndexError, "index"),
+    Row(ARR, "index-negative", {"index": np.array([0, -1, 2, 0])}, IndexError, "index"),
+    Row(ARR, "index-uint64-huge", {"index": np.array([0, 2**64 - 1, 2, 0], dtype=np.uint64)},
+        IndexError, "index"),
+    # --- valid ---------------------------------------------------------------------------------
+    Row(ARR, "valid-int", _np(lambda k: {"valid": k["valid"].astype(np.int8)}), TypeError,
+        "valid"),
+    Row(ARR, "valid-list", _np(lambda k: {"valid": k["valid"].tolist()}), TypeError, "valid"),
+    Row(ARR, "valid-shape", _np(lambda k: {"valid": k["valid"][:, :3]}), ValueError, "valid"),
+    # --- state arrays --------------------------------------------------------------------------
+    Row(ARR, "lambdas-float64", _st("lambdas", lambda a: a.astype(np.float64)), TypeError,
+        "lambdas"),
+    Row(ARR, "exp_avg-float16", _st("exp_avg", lambda a: a.astype(np.float16)), TypeError,
+        "exp_avg"),
+    Row(ARR, "exp_avg_sq-list", _st("exp_avg_sq", lambda a: a.tolist()), TypeError, "exp_avg_sq"),
+    Row(ARR, "steps-int64", _st("steps", lambda a: a.astype(np.int64)), TypeError, "steps"),
+    Row(ARR, "steps-short", _st("steps", lambda a: a[:-1].copy()), ValueError, "steps"),
+    Row(ARR, "lambdas-2d", _st("lambdas", lambda a: a[None].copy()), ValueError, "lambdas"),
+    Row(ARR, "exp_avg-strided", _st("exp_avg", _strided), ValueError, "exp_avg"),
+    Row(ARR, "exp_avg_sq-readonly", _st("exp_avg_sq", _readonly), ValueError, "exp_avg_sq"),
+    Row(ARR, "exp_avg-aliases-lambdas", lambda ctx: _st("exp_avg", lambda a: (
+        ctx["kwargs"].get("lambdas", ctx["state"]["lambdas"])))(ctx), ValueError, "exp_avg"),
+    Row(NP, "state-not-dict", _np(lambda k: {"state": list(k["state"].values())}), TypeError,
+        "state"),
+    Row(NP, "state-missing-key", _np(lambda k: {"state": {x: y for x, y in k["state"].items()
+                                                          if x != "steps"}}), TypeError, "state"),
+    Row(NP, "state-missing", {"state": DROP}, TypeError, "state"),
+    # --- hyper-parameters, binding names -------------------------------------------------------
+    *[Row(C, f"alpha={v}", {"alpha": v}, ValueError, "alpha") for v in (0.0, 1.0, -0.5, nan, inf)],
+    Row(C, "alpha-str", {"alpha": "0.1"}, TypeError, "alpha"),
+    Row(C, "alpha-array", {"alpha": np.array([0.1, 0.2])}, TypeError, "alpha"),
+    *[Row(C, f"lr={v}", {"lr": v}, ValueError, "lr") for v in (-1.0, nan, inf)],
+    Row(C, "lr-huge-int", {"lr": 10**400}, ValueError, "lr"),
+    Row(C, "beta1=1", {"beta1": 1.0}, ValueError, "beta1"),
+    Row(C, "beta2=nan", {"beta2": nan}, ValueError, "beta2"),
+    *[Row(C, f"eps={v}", {"eps": v}, ValueError, "eps") for v in (0.0, -1e-8, nan, inf)],
+    Row(C, "lo>hi", {"lo": 0.5, "hi": -0.5}, ValueError, "lo"),
+    Row(C, "lo=nan", {"lo": nan}, ValueError, "lo"),
+    Row(C, "hi=inf", {"hi": inf}, ValueError, "hi"),
+    Row(C, "hi-beyond-float32", {"hi": 1e39}, ValueError, "hi"),
+    Row(C, "optimizer=2", {"optimizer": 2}, ValueError, "optimizer"),
+    Row(C, "optimizer-huge", {"optimizer": 2**80}, ValueError, "optimizer"),
+    Row(C, "optimizer-str", {"optimizer": "adam"}, TypeError, "optimizer"),
+    Row(C, "step=-1", {"step": -1}, ValueError, "step"),
+    Row(C, "step-float", {"step": 1.5}, TypeError, "step"),
+    Row(C, "step-huge", {"step": 2**70}, ValueError, "step"),
+    Row(C, "update=2", {"update": 2}, ValueError, "update"),
+    Row(C, "update-array", {"update": np.ones(3)}, TypeError, "update"),
+    *[Row(C, f"num_threads={v}", {"num_threads": v}, ValueError, "num_threads")
+      for v in (-1, 10**6)],
+    Row(C, "num_threads-float", {"num_threads": 2.0}, TypeError, "num_threads"),
+    Row(C, "unknown-option", {"momentum": 0.9}, TypeError, "momentum"),
+    # --- hyper-parameters, NumPy API names -----------------------------------------------------
+    *[Row(NP, f"alpha={v}", {"alpha": v}, ValueError, "alpha")
+      for v in (0.0, 1.0, -0.5, nan, inf)],
+    *[Row(NP, f"alpha-{type(v).__name__}", {"alpha": v}, TypeError, "alpha")
+      for v in ("0.1", None, True, [0.1])],
+    *[Row(NP, f"lr={v}", {"lr": v}, ValueError, "lr") for v in (-1.0, nan, inf)],
+    Row(NP, "lr-huge-int", {"lr": 10**400}, ValueError, "lr"),
+    Row(NP, "betas-scalar", {"betas": 0.9}, TypeError, "betas"),
+    Row(NP, "betas-triple", {"betas": (0.9, 0.98, 0.5)}, TypeError, "betas"),
+    Row(NP, "betas[0]=1", {"betas": (1.0, 0.98)}, ValueError, "betas[0]"),
+    Row(NP, "betas[1]=nan", {"betas": (0.9, nan)}, ValueError, "betas[1]"),
+    *[Row(NP, f"eps={v}", {"eps": v}, ValueError, "eps") for v in (0.0, -1e-8, nan, inf)],
+    Row(NP, "clamp-reversed", {"clamp": (0.5, -0.5)}, ValueError, "clamp"),
+    Row(NP, "clamp-nan", {"clamp": (nan, 1.0)}, ValueError, "clamp[0]"),
+    Row(NP, "clamp-beyond-float32", {"clamp": (-1.0, 1e39)}, ValueError, "clamp[1]"),
+    Row(NP, "clamp-none", {"clamp": None}, TypeError, "clamp"),
+    *[Row(NP, f"optimizer={v!r}", {"optimizer": v}, ValueError, "optimizer")
+      for v in ("adamw", None, 0, ["adam"])],
+    Row(NP, "step=-1", {"step": -1}, ValueError, "step"),
+    *[Row(NP, f"step-{type(v).__name__}", {"step": v}, TypeError, "step") for v in (1.5, "1")],
+    *[Row(NP, f"update-{type(v).__name__}", {"update": v}, TypeError, "update")
+      for v in ("yes", None, 1)],
+    *[Row(NP, f"num_threads={v}", {"num_threads": v}, ValueError, "num_threads")
+      for v in (-1, 2000)],
+    Row(NP, "num_threads-float", {"num_threads": 1.5}, TypeError, "num_threads"),
+    Row(NP, "unknown-option", {"momentum": 0.9}, TypeError, "momentum"),
+    # --- init_state ----------------------------------------------------------------------------
+    *[Row(INIT, f"num_samples={v}", {"num_samples": v}, ValueError, "num_samples")
+      for v in (0, -3, 2**70)],
+    *[Row(INIT, f"num_samples-{type(v).__name__}", {"num_samples": v}, TypeError, "num_samples")
+      for v in (1.5, "10", True, None)],
+    *[Row(INIT, f"init_lambda={v}", {"init_lambda": v}, ValueError, "init_lambda")
+      for v in (nan, inf, 1e39)],
+    Row(INIT, "init_lambda-str", {"init_lambda": "1"}, TypeError, "init_lambda"),
+    Row(INIT, "unknown-option", {"alpha": 0.1}, TypeError, "alpha"),
+    # --- GloFND constructor --------------------------------------------------------------------
+    *[Row(CTOR, f"num_samples={v}", {"num_samples": v}, ValueError, "num_samples")
+      for v in (0, -3, 2**70)],
+    *[Row(CTOR, f"num_samples-{type(v).__name__}", {"num_samples": v}, TypeError, "num_samples")
+      for v in (1.5, "10", True)],
+    *[Row(CTOR, f"alpha={v}", {"alpha": v}, ValueError, "alpha")
+      for v in (0.0, 1.0, -0.5, 1.5, nan, inf)],
+    *[Row(CTOR, f"alpha-{type(v).__name__}", {"alpha": v}, TypeError, "alpha")
+      for v in ("0.1", None)],
+    *[Row(CTOR, f"lr={v}", {"lr": v}, ValueError, "lr") for v in (-0.1, nan, inf)],
+    *[Row(CTOR, f"optimizer={v!r}", {"optimizer": v}, ValueError, "optimizer")
+      for v in ("adamw", ["adam"], None)],
+    Row(CTOR, "betas-single", {"betas": (0.9,)}, TypeError, "betas"),
+    Row(CTOR, "betas-scalar", {"betas": 0.9}, TypeError, "betas"),
+    Row(CTOR, "betas[0]=1", {"betas": (1.0, 0.9)}, ValueError, "betas[0]"),
+    Row(CTOR, "betas[1]=nan", {"betas": (0.9, nan)}, ValueError, "betas[1]"),
+    *[Row(CTOR, f"eps={v}", {"eps": v}, ValueError, "eps") for v in (0.0, nan)],
+    *[Row(CTOR, f"init_lambda={v}", {"init_lambda": v}, ValueError, "init_lambda")
+      for v in (nan, 2.0)],
+    *[Row(CTOR, f"bias_correction={v!r}", {"bias_correction": v}, ValueError, "bias_correction")
+      for v in ("step", ["sample"])],
+    Row(CTOR, "clamp-reversed", {"clamp": (1.0, -1.0)}, ValueError, "clamp[1]"),
+    Row(CTOR, "clamp-nan", {"clamp": (nan, 1.0)}, ValueError, "clamp[0]"),
+    Row(CTOR, "clamp-beyond-float32", {"clamp": (-1e39, 1.0), "init_lambda": 0.0}, ValueError,
+        "clamp[0]"),
+    Row(CTOR, "clamp-single", {"clamp": (-1.0,)}, TypeError, "clamp"),
+    Row(CTOR, "unknown-option", {"momentum": 0.9}, TypeError, "momentum"),
+    # --- GloFND forward / step -----------------------------------------------------------------
+    Row(MOD, "sim-numpy", _t(lambda k: {"sim": k["sim"].numpy()}), TypeError, "sim"),
+    Row(MOD, "sim-int", _t(lambda k: {"sim": k["sim"].to(torch.int32)}), TypeError, "sim"),
+    Row(MOD, "sim-complex", _t(lambda k: {"sim": k["sim"].to(torch.complex64)}), TypeError,
+        "sim"),
+    Row(MOD, "sim-1d", _t(lambda k: {"sim": k["sim"][0]}), ValueError, "sim"),
+    Row(MOD, "sim-3d", _t(lambda k: {"sim": k["sim"][None]}), ValueError, "sim"),
+    Row(MOD, "sim-empty-rows", _t(lambda k: {"sim": k["sim"][:0], "index": k["index"][:0],
+                                             "valid": None}), ValueError, "sim"),
+    Row(MOD, "sim-empty-cols", _t(lambda k: {"sim": k["sim"][:, :0], "valid": None}), ValueError,
+        "sim"),
+    Row(MOD, "sim-missing", {"sim": DROP}, TypeError, "sim"),
+    Row(MOD, "sim-meta", _t(lambda k: {"sim": k["sim"].to("meta"), "index": k["index"].to("meta"),
+                                       "valid": None}), ValueError, "sim"),
+    Row(MOD, "index-meta", _t(lambda k: {"index": k["index"].to("meta")}), ValueError, "index"),
+    Row(MOD, "valid-meta", _t(lambda k: {"valid": k["valid"].to("meta")}), ValueError, "valid"),
+    Row(MOD, "index-list", {"index": [0, 1, 2, 0]}, TypeError, "index"),
+    Row(MOD, "index-float", {"index": torch.tensor([0.0, 1.0, 2.0, 0.0])}, TypeError, "index"),
+    Row(MOD, "index-bool", {"index": torch.tensor([True, False, True, False])}, TypeError,
+        "index"),
+    Row(MOD, "index-short", {"index": torch.tensor([0, 1, 2])}, ValueError, "index"),
+    Row(MOD, "index-2d", {"index": torch.tensor([[0, 1, 2, 0]])}, ValueError, "index"),
+    Row(MOD, "index-too-large", {"index": torch.tensor([0, 1, N, 0])}, IndexError, "index"),
+    Row(MOD, "index-negative", {"index": torch.tensor([0, -1, 2, 0])}, IndexError, "index"),
+    Row(MOD, "valid-int", _t(lambda k: {"valid": k["valid"].to(torch.uint8)}), TypeError, "valid"),
+    Row(MOD, "valid-shape", _t(lambda k: {"valid": k["valid"][:, :3]}), ValueError, "valid"),
+    *[Row(MOD, f"update-{type(v).__name__}", {"update": v}, TypeError, "update")
+      for v in ("yes", None, torch.ones(2))],
+    Row(MOD, "unknown-option", {"momentum": 0.9}, TypeError, "momentum"),
+    Row(MOD, "lambdas-float64", {}, TypeError, "lambdas",
+        prepare=_buffer("lambdas", lambda t: t.double())),
+    Row(MOD, "steps-int64", {}, TypeError, "steps", prepare=_buffer("steps", lambda t: t.long())),
+    Row(MOD, "exp_avg-strided", {}, ValueError, "exp_avg",
+        prepare=_buffer("exp_avg", lambda t: t.repeat_interleave(2)[::2])),
+    Row(MOD, "exp_avg_sq-short", {}, ValueError, "exp_avg_sq",
+        prepare=_buffer("exp_avg_sq", lambda t: t[:-1].clone())),
+    Row(MOD, "state-meta", {}, ValueError, "sim", prepare=lambda ctx: ctx["module"].to("meta")),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _cases():
+    for row in ROWS:
+        for target in row.targets:
+            for backend in TARGETS[target].backends:
+                yield pytest.param(row, TARGETS[target], backend,
+                                   id=f"{target}-{row.id}-{backend}")
+
+
+def _snapshot(obj):
+    """Bytes of every array in obj (dicts, tuples and lists are walked); meta tensors by shape."""
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_snapshot(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "meta":
+            return ("meta", tuple(obj.shape), obj.dtype)
+        return ("tensor", tuple(obj.shape), obj.dtype, obj.detach().contiguous().numpy().tobytes())
+    if isinstance(obj, np.ndarray):
+        return ("array", obj.shape, obj.dtype.str, obj.tobytes())
+    return ("object", repr(obj))
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """Routes the call to the C kernel or to the pure-torch reference."""
+    name = request.param
+    if name == "c" and _ops._C is None:
+        pytest.skip("C extension not built")
+    if name == "reference":
+        monkeypatch.setattr(numpy_api, "_C", None)
+        monkeypatch.setattr(_ops, "_backend", "reference")
+    return name
+
+
+def test_table_is_well_formed():
+    # Every target is exercised, and every row names a target that exists.
+    used = {t for row in ROWS for t in row.targets}
+    assert used == set(TARGETS)
+    assert len({(t, row.id) for row in ROWS for t in row.targets}) == \
+        sum(len(row.targets) for row in ROWS)
+
+
+def test_good_call_succeeds():
+    # The unchanged call of every target works, so each row's failure is due to its change.
+    rng = np.random.default_rng(0)
+    for target in TARGETS.values():
+        if target.name == "_C.step" and _ops._C is None:
+            continue
+        ctx = target.setup(rng)
+        target.call(ctx, dict(ctx["kwargs"]))
+
+
+@pytest.mark.parametrize("row,target,backend", list(_cases()), indirect=["backend"])
+def test_bad_input(row, target, backend):
+    rng = np.random.default_rng(1)
+    ctx = target.setup(rng)
+    if row.prepare is not None:
+        row.prepare(ctx)
+    change = row.change(ctx) if callable(row.change) else row.change
+    kwargs = dict(ctx["kwargs"])
+    for k, v in change.items():
+        if v is DROP:
+            del kwargs[k]
+        else:
+            kwargs[k] = v
+    state = (_module_state(ctx) if "module" in ctx else ctx.get("state", {}))
+    before = _snapshot((state, kwargs))
+
+    with pytest.raises(row.error) as info:
+        target.call(ctx, kwargs)
+
+    assert type(info.value) in (TypeError, ValueError, IndexError), type(info.value)
+    msg = str(info.value)
+    assert re.search(rf"(?<![\w\[]){re.escape(row.name)}(?![\w\]])", msg) or \
+        (row.name.endswith("]") and row.name in msg), f"message does not name {row.name}: {msg}"
+    after = _snapshot(((_module_state(ctx) if "module" in ctx else ctx.get("state", {})), kwargs))
+    assert after == before, "a failed call changed the state or an argument"
+
+
+# ---------------------------------------------------------------------------------------------
+# Calls that are not errors at the binding level: the empty batch is a no-op there.
+
+
+@pytest.mark.skipif(_ops._C is None, reason="C extension not built")
+@pytest.mark.parametrize("shape", [(0, 5), (0, 0), (3, 0)])
+def test_c_empty_batch_is_a_noop(shape):
+    rng = np.random.default_rng(2)
+    st = _np_state(rng)
+    before = _snapshot(st)
+    mask, kept = glofnd._ops._C.step(np.zeros(shape, np.float32),
+                                     np.zeros(shape[0], np.int64), None, **st, alpha=0.1)
+    assert mask.shape == shape and mask.dtype == np.bool_ and not mask.any()
+    assert kept.shape == shape[:1] and kept.dtype == np.int64 and (kept == 0).all()
+    assert _snapshot(st) == before
