@@ -98,8 +98,8 @@ def random_full_state(seed: int) -> dict:
 
 def global_batch(seed: int, world_size: int, lambdas: torch.Tensor, dtype=torch.float32):
     """Per-rank (sim, index, valid) lists. Rows per rank vary (1..7); indices repeat within and
-    across ranks; entries equal to the row's current λ (ties), NaN, and rows without a valid
-    entry occur."""
+    across ranks; entries equal to the row's current λ (ties), NaN, ±inf, and rows without a
+    valid entry occur."""
     g = torch.Generator().manual_seed(seed)
     parts = []
     for _ in range(world_size):
@@ -109,6 +109,8 @@ def global_batch(seed: int, world_size: int, lambdas: torch.Tensor, dtype=torch.
         tie = torch.rand(r, COLS, generator=g) < 0.2
         sim = torch.where(tie, lambdas[index].double().unsqueeze(1), sim)
         sim[torch.rand(r, COLS, generator=g) < 0.05] = float("nan")
+        sim[torch.rand(r, COLS, generator=g) < 0.03] = float("inf")
+        sim[torch.rand(r, COLS, generator=g) < 0.03] = -float("inf")
         valid = torch.rand(r, COLS, generator=g) < 0.85
         if r > 2:
             valid[1] = False
