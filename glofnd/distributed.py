@@ -26,11 +26,22 @@ integers). With one process, or without an initialised process group, GloFND tak
 single-process path.
 
 Never keep the state in buffers that DDP broadcasts: with ``broadcast_buffers=True`` (DDP's
-default) a module registered inside the wrapped model has its buffers overwritten by rank 0's copy
-before every forward, and the other ranks' updates are lost (SPEC section 8). Keep the loss and its
-GloFND outside the wrapped model (or pass ``broadcast_buffers=False``). GloFND keeps the values it
-last wrote at the entries it touched and, in a multi-process run, checks them before the next step:
-a change raises a RuntimeError that names the cause (see :func:`check_unchanged`).
+default; ``forward_sync_buffers`` in recent PyTorch) a module registered inside the wrapped model
+has its buffers overwritten by rank 0's copy before every forward, and the other ranks' updates are
+lost (SPEC section 8). Keep the loss and its GloFND outside the wrapped model (or turn the buffer
+sync off). GloFND keeps the values it last wrote at the entries it touched and, in a multi-process
+run, checks them before the next step: a change raises a RuntimeError that names the cause (see
+:func:`check_unchanged`).
+
+The losses' ``gather_distributed=True`` adds :func:`gather_with_grad` (features of all processes,
+gradient summed back) and :func:`moving_average` (SogCLR's u over all processes' rows).
+Traffic, memory and a worked estimate for 10^9 samples: docs/distributed.md.
+
+Example (``torchrun --nproc-per-node 4 train.py``)::
+
+    >>> rank, world_size, local_rank = glofnd.distributed.init_from_env()
+    >>> fnd = glofnd.GloFND(len(dataset), alpha=0.01, distributed="sharded")
+    >>> mask = fnd(sim_local, index_local, valid_local)   # collective; same on every process
 """
 from __future__ import annotations
 
