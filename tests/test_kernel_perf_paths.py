@@ -247,3 +247,22 @@ def test_module_matches_reference(threads):
     for name in ("lambdas", "exp_avg", "exp_avg_sq", "steps"):
         a, r = getattr(mods[0], name), getattr(mods[1], name)
         assert a.numpy().tobytes() == r.numpy().tobytes(), name
+
+
+def test_changing_betas_between_calls(isa):
+    """The kernel remembers the last bias-correction denominators per thread; a call with other
+    betas (or another fixed t) at the same counts must not reuse them."""
+    rng = np.random.default_rng(13)
+    n, b, cols = 64, 16, 33
+    st_c = make_state(n, rng, warm=False)
+    st_c["steps"][:] = 4
+    st_r = {k: v.copy() for k, v in st_c.items()}
+    for beta1, beta2, step in [(0.9, 0.98, 0), (0.5, 0.9, 0), (0.5, 0.9, 7), (0.9, 0.98, 7)]:
+        idx = rng.choice(n, b, replace=False)
+        index = np.concatenate([idx, idx]).astype(np.int64)
+        sim = rng.uniform(-1, 1, (2 * b, cols)).astype(np.float32)
+        kw = dict(params(step=step), beta1=beta1, beta2=beta2)
+        got = c_step(sim, index, None, st_c, 1, **kw)
+        want = reference_step(sim, index, None, st_r, **kw)
+        assert_same_bytes(got, want)
+        st_c, st_r = got[2], want[2]
