@@ -11,6 +11,19 @@
 
 #define AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,popcnt")))
 
+/* The 64 floats (4 cache lines) GLOFND_PREFETCH_FLOATS ahead of x: the hardware prefetchers
+ * leave a single core well short of the memory bandwidth on these short row streams (measured
+ * 1.5x faster at B = 512 and 2048). Past the row's end this fetches the next rows, which are
+ * the next group's; a prefetch never faults. */
+static inline void prefetch_floats(const float *x)
+{
+    const char *p = (const char *)(x + GLOFND_PREFETCH_FLOATS);
+    _mm_prefetch(p, _MM_HINT_T0);
+    _mm_prefetch(p + 64, _MM_HINT_T0);
+    _mm_prefetch(p + 128, _MM_HINT_T0);
+    _mm_prefetch(p + 192, _MM_HINT_T0);
+}
+
 /* The first n lanes, 0 <= n <= 16. */
 static inline __mmask16 lanes16(int64_t n)
 {
@@ -86,8 +99,10 @@ AVX512_ATTR static void count_dense_f32_avx512(const float *x, int64_t n, float 
     const __m512 vl = _mm512_set1_ps(lam);
     __mmask16 bad = 0;
     int64_t a = 0, j = 0;
-    for (; j + 64 <= n; j += 64)
+    for (; j + 64 <= n; j += 64) {
+        prefetch_floats(x + j);
         a += popcount64(gt64(x + j, vl, &bad));
+    }
     if (j < n)
         a += popcount64(gt_tail(x + j, n - j, vl, &bad));
     *above += a;
@@ -103,6 +118,8 @@ AVX512_ATTR static void count_valid_f32_avx512(const float *x, const uint8_t *w,
     int64_t a = 0, c = 0;
     for (int64_t j = 0; j < n; j += 64) {
         const int64_t len = n - j < 64 ? n - j : 64;
+        prefetch_floats(x + j);
+        _mm_prefetch((const char *)(w + j + GLOFND_PREFETCH_FLOATS), _MM_HINT_T0);
         const __mmask64 kv = valid_bits(w + j, len);
         const __mmask64 kg = len == 64 ? gt64(x + j, vl, &bad) : gt_tail(x + j, len, vl, &bad);
         a += popcount64(kg & kv);
@@ -120,6 +137,7 @@ AVX512_ATTR static void mask_dense_f32_avx512(const float *x, int64_t n, float l
     __mmask16 bad = 0;
     int64_t f = 0, j = 0;
     for (; j + 64 <= n; j += 64) {
+        prefetch_floats(x + j);
         const __mmask64 k = gt64(x + j, vl, &bad);
         _mm512_storeu_si512((void *)(out + j), _mm512_maskz_mov_epi8(k, one));
         f += popcount64(k);
@@ -144,6 +162,8 @@ AVX512_ATTR static int64_t mask_valid_f32_avx512(const float *x, const uint8_t *
     int64_t f = 0, c = 0;
     for (int64_t j = 0; j < n; j += 64) {
         const int64_t len = n - j < 64 ? n - j : 64;
+        prefetch_floats(x + j);
+        _mm_prefetch((const char *)(w + j + GLOFND_PREFETCH_FLOATS), _MM_HINT_T0);
         const __mmask64 kv = valid_bits(w + j, len);
         const __mmask64 kg = len == 64 ? gt64(x + j, vl, &bad) : gt_tail(x + j, len, vl, &bad);
         const __mmask64 k = kg & kv;

@@ -7,9 +7,10 @@
  * T threshold, counted exactly. Only the speed differs between instruction sets.
  *
  * Hot path: the columns of a row are contiguous (col_stride 1) and valid is NULL or has
- * contiguous columns. Its loops are branch-free with 32-bit counters over chunks of at most
- * GLOFND_CHUNK entries, so the compiler vectorises them (check with -fopt-info-vec); the second
- * pass over a group's rows reads them from L1/L2, where the first pass left them. Any other
+ * contiguous columns. Its loops are branch-free with 32-bit counters over blocks of
+ * GLOFND_BLOCK entries, so the compiler vectorises them (check with -fopt-info-vec), and each
+ * block prefetches the next; the second pass over a group's rows reads them from L1/L2, where
+ * the first pass left them. Any other
  * layout takes the strided loops, which give the same results. */
 
 #define GLOFND_CAT_(a, b) a##_##b
@@ -21,9 +22,10 @@
 ISA_ATTR static inline void FN(count_dense)(const T *restrict s, int64_t cols, T lam,
                                             int64_t *above, int64_t *nan)
 {
-    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_CHUNK) {
-        const int64_t n = cols - j0 < GLOFND_CHUNK ? cols - j0 : GLOFND_CHUNK;
+    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_BLOCK) {
+        const int64_t n = cols - j0 < GLOFND_BLOCK ? cols - j0 : GLOFND_BLOCK;
         const T *restrict x = s + j0;
+        prefetch_span(x + GLOFND_BLOCK, sizeof(T) * GLOFND_BLOCK);
         int32_t a = 0, z = 0;
         for (int64_t j = 0; j < n; ++j) {
             a += x[j] > lam;
@@ -39,10 +41,12 @@ ISA_ATTR static inline void FN(count_dense)(const T *restrict s, int64_t cols, T
 ISA_ATTR static inline void FN(count_valid)(const T *restrict s, const uint8_t *restrict v,
                                             int64_t cols, T lam, int64_t *above, int64_t *nvalid)
 {
-    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_CHUNK) {
-        const int64_t n = cols - j0 < GLOFND_CHUNK ? cols - j0 : GLOFND_CHUNK;
+    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_BLOCK) {
+        const int64_t n = cols - j0 < GLOFND_BLOCK ? cols - j0 : GLOFND_BLOCK;
         const T *restrict x = s + j0;
+        prefetch_span(x + GLOFND_BLOCK, sizeof(T) * GLOFND_BLOCK);
         const uint8_t *restrict w = v + j0;
+        prefetch_span(w + GLOFND_BLOCK, GLOFND_BLOCK);
         int32_t a = 0, c = 0;
         for (int64_t j = 0; j < n; ++j) {
             const int ok = w[j] != 0;
@@ -59,9 +63,10 @@ ISA_ATTR static inline void FN(count_valid)(const T *restrict s, const uint8_t *
 ISA_ATTR static inline void FN(mask_dense)(const T *restrict s, int64_t cols, T lam,
                                            uint8_t *restrict out, int64_t *flagged, int64_t *nan)
 {
-    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_CHUNK) {
-        const int64_t n = cols - j0 < GLOFND_CHUNK ? cols - j0 : GLOFND_CHUNK;
+    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_BLOCK) {
+        const int64_t n = cols - j0 < GLOFND_BLOCK ? cols - j0 : GLOFND_BLOCK;
         const T *restrict x = s + j0;
+        prefetch_span(x + GLOFND_BLOCK, sizeof(T) * GLOFND_BLOCK);
         uint8_t *restrict o = out + j0;
         int32_t f = 0, z = 0;
         for (int64_t j = 0; j < n; ++j) {
@@ -81,10 +86,12 @@ ISA_ATTR static inline int64_t FN(mask_valid)(const T *restrict s, const uint8_t
                                               int64_t cols, T lam, uint8_t *restrict out)
 {
     int64_t kept = 0;
-    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_CHUNK) {
-        const int64_t n = cols - j0 < GLOFND_CHUNK ? cols - j0 : GLOFND_CHUNK;
+    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_BLOCK) {
+        const int64_t n = cols - j0 < GLOFND_BLOCK ? cols - j0 : GLOFND_BLOCK;
         const T *restrict x = s + j0;
+        prefetch_span(x + GLOFND_BLOCK, sizeof(T) * GLOFND_BLOCK);
         const uint8_t *restrict w = v + j0;
+        prefetch_span(w + GLOFND_BLOCK, GLOFND_BLOCK);
         uint8_t *restrict o = out + j0;
         int32_t k = 0;
         for (int64_t j = 0; j < n; ++j) {
