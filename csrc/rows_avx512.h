@@ -1,7 +1,8 @@
 /* AVX-512 (F, BW, VL) row kernels for float32, included by threshold.c on x86-64 with GCC or
  * Clang and used only when the CPU has these extensions (checked at run time).
  *
- * They replace the portable contiguous loops of step_impl.h for T = float and must compute the
+ * They replace the portable contiguous loops of step_impl.h (count_dense, count_valid,
+ * mask_dense, mask_valid, mask_flags) for T = float and must compute the
  * same integers: each entry is compared once with `>` (ordered, so NaN is never above) against
  * the same float threshold. 64 entries per iteration: four 16-lane compares are joined into one
  * 64-bit mask, counted with popcnt and, for the mask, expanded to 0/1 bytes with one masked
@@ -151,6 +152,34 @@ AVX512_ATTR static void mask_dense_f32_avx512(const float *x, int64_t n, float l
     *flagged += f;
     if (bad)
         *nan += count_nan_f32(x, n);
+}
+
+/* The flags only, for a row the count pass has just read (in L1/L2, NaN count known). */
+AVX512_ATTR static int64_t mask_flags_f32_avx512(const float *x, int64_t n, float lam,
+                                                 uint8_t *out)
+{
+    const __m512 vl = _mm512_set1_ps(lam);
+    const __m512i one = _mm512_set1_epi8(1);
+    int64_t f = 0, j = 0;
+    for (; j + 64 <= n; j += 64) {
+        const __mmask32 lo = _mm512_kunpackw(
+            _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j + 16), vl, _CMP_GT_OQ),
+            _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j), vl, _CMP_GT_OQ));
+        const __mmask32 hi = _mm512_kunpackw(
+            _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j + 48), vl, _CMP_GT_OQ),
+            _mm512_cmp_ps_mask(_mm512_loadu_ps(x + j + 32), vl, _CMP_GT_OQ));
+        const __mmask64 k = _mm512_kunpackd(hi, lo);
+        _mm512_storeu_si512((void *)(out + j), _mm512_maskz_mov_epi8(k, one));
+        f += popcount64(k);
+    }
+    if (j < n) {
+        __mmask16 ignored = 0;
+        const __mmask64 k = gt_tail(x + j, n - j, vl, &ignored);
+        const __mmask64 m = ((__mmask64)1 << (n - j)) - 1;
+        _mm512_mask_storeu_epi8(out + j, m, _mm512_maskz_mov_epi8(k, one));
+        f += popcount64(k);
+    }
+    return f;
 }
 
 AVX512_ATTR static int64_t mask_valid_f32_avx512(const float *x, const uint8_t *w, int64_t n,

@@ -17,7 +17,7 @@
 #define GLOFND_CAT(a, b) GLOFND_CAT_(a, b)
 #define FN(name) GLOFND_CAT(name, SUF)
 
-#ifndef GLOFND_ROWS_DEFINED /* else the includer supplies the four contiguous kernels */
+#ifndef GLOFND_ROWS_DEFINED /* else the includer supplies the five contiguous kernels */
 /* Counts of a contiguous row without a validity mask: entries above lam, and NaN entries. */
 ISA_ATTR static inline void FN(count_dense)(const T *restrict s, int64_t cols, T lam,
                                             int64_t *above, int64_t *nan)
@@ -105,6 +105,26 @@ ISA_ATTR static inline int64_t FN(mask_valid)(const T *restrict s, const uint8_t
     return kept;
 }
 
+/* Writes the flags of a contiguous row without a validity mask when its NaN count is already
+ * known (from the count pass); returns the flagged count. */
+ISA_ATTR static inline int64_t FN(mask_flags)(const T *restrict s, int64_t cols, T lam,
+                                              uint8_t *restrict out)
+{
+    int64_t flagged = 0;
+    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_BLOCK) {
+        const int64_t n = cols - j0 < GLOFND_BLOCK ? cols - j0 : GLOFND_BLOCK;
+        const T *restrict x = s + j0;
+        uint8_t *restrict o = out + j0;
+        int32_t f = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            const uint8_t b = x[j] > lam;
+            o[j] = b;
+            f += b;
+        }
+        flagged += f;
+    }
+    return flagged;
+}
 #endif /* GLOFND_ROWS_DEFINED */
 
 /* Any layout: the same counts through element strides. */
@@ -173,6 +193,17 @@ ISA_ATTR static inline int64_t FN(mask_row)(const T *sim, const glofnd_batch *b,
     return FN(mask_strided)(s, b->col_stride, v, b->valid_col_stride, M, lam, out);
 }
 
+/* Flags of row r after the count pass, which left the row's valid count in *kept (and the row
+ * in L1/L2): the dense layout needs neither NaN checks nor prefetches here. */
+ISA_ATTR static inline void FN(mask_counted_row)(const T *sim, const glofnd_batch *b, int64_t r,
+                                                 T lam, uint8_t *mask, int64_t *kept)
+{
+    if (b->col_stride == 1 && b->valid == NULL)
+        *kept -= FN(mask_flags)(sim + r * b->row_stride, b->cols, lam, mask + r * b->cols);
+    else
+        *kept = FN(mask_row)(sim, b, r, lam, mask);
+}
+
 /* One distinct index: pool its rows, update its lambda, then mask its rows (still in cache). */
 ISA_ATTR static void FN(do_group)(const void *sim_v, const glofnd_batch *b, glofnd_state *st,
                                   const glofnd_params *p, const int64_t *rows, int64_t nrows,
@@ -183,10 +214,18 @@ ISA_ATTR static void FN(do_group)(const void *sim_v, const glofnd_batch *b, glof
     if (p->update) {
         int64_t above = 0, nvalid = 0;
         const T lam = (T)st->lambda[i];
-        for (int64_t k = 0; k < nrows; ++k)
-            FN(count_row)(sim, b, rows[k], lam, &above, &nvalid);
+        for (int64_t k = 0; k < nrows; ++k) {
+            int64_t row_valid = 0;
+            FN(count_row)(sim, b, rows[k], lam, &above, &row_valid);
+            nvalid += row_valid;
+            kept[rows[k]] = row_valid;
+        }
         if (nvalid > 0)
             update_one(st, i, above, nvalid, p);
+        const T lam1 = (T)st->lambda[i];
+        for (int64_t k = 0; k < nrows; ++k)
+            FN(mask_counted_row)(sim, b, rows[k], lam1, mask, kept + rows[k]);
+        return;
     }
     const T lam = (T)st->lambda[i];
     for (int64_t k = 0; k < nrows; ++k)
