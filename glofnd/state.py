@@ -161,8 +161,10 @@ class GloFND(nn.Module):
         """Like :meth:`forward`, and also returns ``kept`` (R,) int64: the valid entries of each
         row that are not false negatives. ``update=False`` masks with the current λ only."""
         check_batch(sim, index, valid, self.num_samples, self.check_index)
-        if sim.device != self.lambdas.device:
-            raise ValueError(f"sim is on {sim.device} but the state is on {self.lambdas.device}; "
+        buf = self._buffers  # direct: nn.Module attribute lookup costs ~0.5 us per buffer
+        lambdas = buf["lambdas"]
+        if sim.device != lambdas.device:
+            raise ValueError(f"sim is on {sim.device} but the state is on {lambdas.device}; "
                              "move the module with .to(device)")
         sim = sim.detach()
         if sim.dtype not in (torch.float32, torch.float64):
@@ -170,8 +172,8 @@ class GloFND(nn.Module):
         step = self.epoch + 1 if self.bias_correction == "epoch" else 0
         with self._lock:  # one state, one writer: concurrent calls are serialised
             return _ops.threshold_step(
-                sim, index.to(torch.int64), valid, self.lambdas, self.exp_avg, self.exp_avg_sq,
-                self.steps, self.alpha, self.lr, self.betas[0], self.betas[1], self.eps,
+                sim, index.to(torch.int64), valid, lambdas, buf["exp_avg"], buf["exp_avg_sq"],
+                buf["steps"], self.alpha, self.lr, self.betas[0], self.betas[1], self.eps,
                 self.clamp[0], self.clamp[1], _OPTIMIZERS[self.optimizer], step, bool(update))
 
     def forward(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
