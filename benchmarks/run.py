@@ -98,6 +98,21 @@ def us(x: float) -> str:
     return f"{x * 1e6:.1f}" if x < 1e-4 else f"{x * 1e6:.0f}"
 
 
+STALL = ("; not meaningful: this 2-thread time is over 5x the 1-thread one, i.e. dominated by "
+         "waiting for a core (see the note on OpenMP at the top)")
+
+
+def stalled(rows: list[list], key: Callable[[list], object], col: int, row: list) -> str:
+    """STALL when row (threads > 1) took over 5x its 1-thread twin (same key), else ""."""
+    if row[1] == 1:
+        return ""
+    twin = [r for r in rows if r[1] == 1 and key(r) == key(row)]
+    if not twin:
+        return ""
+    t2, t1 = float(str(row[col]).split()[0]), float(str(twin[0][col]).split()[0])
+    return STALL if t2 > 5 * t1 else ""
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -254,9 +269,17 @@ def section_a(cfg) -> list[str]:
         if r[0] == 512 and r[2] in ("glofnd.GloFND (C)", "glofnd._C.step"):
             x = float(r[5].rstrip("x"))
             notes.append(f"target >= 10x eager at B = 512, {r[2]}, {r[1]} thread(s): "
-                         f"{x:.1f}x (wall clock), {'met' if x >= 10 else 'missed'}")
+                         f"{x:.1f}x (wall clock), {'met' if x >= 10 else 'missed'}"
+                         + stalled(rows, lambda q: (q[0], q[2]), 3, r))
     if not cfg.compile:
         notes.append("torch.compile not measured (--quick: compilation takes tens of seconds)")
+    slower = [r for r in rows if r[2] == "torch.compile(eager)" and float(r[5].rstrip("x")) < 1]
+    if slower:
+        notes.append("torch.compile(eager) ran slower than eager in "
+                     f"{len(slower)} of the rows: its generated C++ can be inspected with "
+                     "TORCH_LOGS=output_code (with torch 2.13 on the machine of the first runs, "
+                     "perf showed the final bool mask written by a scalar loop, one setp/mov per "
+                     "entry, while the counting loop was vectorised)")
     lines += [""] + [f"- {x}" for x in notes]
     return lines
 
@@ -314,7 +337,8 @@ def section_b(cfg) -> list[str]:
     for r in rows:
         x = float(r[5].rstrip("x"))
         lines.append(f"- target _C.step within 2x of the bound, B = {r[0]}, {r[1]} thread(s): "
-                     f"{x:.2f}x (wall clock), {'met' if x <= 2 else 'missed'}")
+                     f"{x:.2f}x (wall clock), {'met' if x <= 2 else 'missed'}"
+                     + stalled(rows, lambda q: q[0], 4, r))
     return lines
 
 
@@ -365,7 +389,8 @@ def section_d(cfg) -> list[str]:
         if r[0] == "10^7":
             x = float(r[4])
             lines.append(f"- target N = 10^7 within 10% of N = 10^3, {r[1]} thread(s): "
-                         f"{x:.2f} (wall clock), {'met' if x <= 1.10 else 'missed'}")
+                         f"{x:.2f} (wall clock), {'met' if x <= 1.10 else 'missed'}"
+                         + stalled(rows, lambda q: q[0], 2, r))
             if r[1] == 1:
                 xc = float(r[5].split("(")[1].rstrip(")"))
                 lines.append(f"- the same in CPU time, 1 thread: {xc:.2f}, "
