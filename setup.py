@@ -59,7 +59,7 @@ def extension():
     return Extension(
         "glofnd._C",
         sources=["csrc/threshold.c", "csrc/module.c"],
-        depends=["csrc/glofnd.h", "csrc/step_impl.h"],
+        depends=["csrc/glofnd.h", "csrc/step_impl.h", "csrc/rows_avx512.h"],
         include_dirs=["csrc", numpy.get_include()],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

@@ -63,6 +63,18 @@ int glofnd_step_f32(const float *sim, const glofnd_batch *batch, glofnd_state *s
 int glofnd_step_f64(const double *sim, const glofnd_batch *batch, glofnd_state *state,
                     const glofnd_params *params, uint8_t *mask, int64_t *kept);
 
+/* Instruction sets of the row kernels. All give the same bytes; the widest one the CPU runs is
+ * used unless glofnd_set_isa chose another. */
+enum glofnd_isa { GLOFND_ISA_BASE = 0, GLOFND_ISA_AVX2 = 1, GLOFND_ISA_AVX512 = 2 };
+
+/* The instruction set in use (enum glofnd_isa). */
+int glofnd_isa(void);
+
+/* Selects an instruction set for later calls (tests, benchmarks); -1 restores the widest.
+ * GLOFND_EINVAL when it was not compiled in or the CPU lacks it. Not to be called while a step
+ * runs in another thread. */
+int glofnd_set_isa(int isa);
+
 /* 1 when the library was built with OpenMP. */
 int glofnd_has_openmp(void);
 

@@ -13,6 +13,7 @@
 
 #include <float.h>
 #include <math.h>
+#include <string.h>
 
 #include "glofnd.h"
 
@@ -321,12 +322,48 @@ done:
     return result;
 }
 
+static const char *const isa_names[] = {"base", "avx2", "avx512"};
+
+static PyObject *py_isa(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return PyUnicode_FromString(isa_names[glofnd_isa()]);
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int isa = -1;
+    if (arg != Py_None) {
+        const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+        for (int k = 0; name != NULL && k < 3; ++k)
+            if (strcmp(name, isa_names[k]) == 0)
+                isa = k;
+        if (isa < 0) {
+            PyErr_SetString(PyExc_ValueError,
+                            "isa must be None, 'base', 'avx2' or 'avx512'");
+            return NULL;
+        }
+    }
+    if (glofnd_set_isa(isa) != GLOFND_OK) {
+        PyErr_Format(PyExc_ValueError, "isa %R is not available on this CPU or build", arg);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"step", (PyCFunction)(void (*)(void))py_step, METH_VARARGS | METH_KEYWORDS,
      "step(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps, *, alpha, lr, beta1, beta2,"
      " eps, lo, hi, optimizer, step, update, num_threads) -> (mask, kept)\n\n"
      "Fused GloFND threshold step: updates the state in place, returns the false-negative mask\n"
      "(bool, rows x cols) and the kept count of each row (int64)."},
+    {"isa", py_isa, METH_NOARGS,
+     "isa() -> str\n\nThe instruction set of the row kernels in use: 'base', 'avx2' or 'avx512'."},
+    {"set_isa", py_set_isa, METH_O,
+     "set_isa(name)\n\nSelects the row kernels' instruction set ('base', 'avx2', 'avx512'; None:\n"
+     "the widest this CPU runs). Every choice gives the same bytes; for tests and benchmarks."},
     {NULL, NULL, 0, NULL}};
 
 static int exec_module(PyObject *m)

@@ -1,135 +1,238 @@
-/* Row kernels of the threshold step, instantiated once per similarity type by threshold.c.
- * Expects T (element type) and SUF (name suffix) to be defined; no include guard on purpose. */
+/* Row kernels of the threshold step, instantiated by threshold.c once per similarity type and
+ * instruction set. Expects T (element type), SUF (name suffix, e.g. f32_avx2) and ISA_ATTR (a
+ * function attribute selecting the instruction set, or nothing) to be defined; no include guard
+ * on purpose.
+ *
+ * Every variant computes the same integers: entries compared with one IEEE `>` against the same
+ * T threshold, counted exactly. Only the speed differs between instruction sets.
+ *
+ * Hot path: the columns of a row are contiguous (col_stride 1) and valid is NULL or has
+ * contiguous columns. Its loops are branch-free with 32-bit counters over blocks of
+ * GLOFND_BLOCK entries, so the compiler vectorises them (check with -fopt-info-vec), and each
+ * block prefetches the next; the second pass over a group's rows reads them from L1/L2, where
+ * the first pass left them. Any other
+ * layout takes the strided loops, which give the same results. */
 
 #define GLOFND_CAT_(a, b) a##_##b
 #define GLOFND_CAT(a, b) GLOFND_CAT_(a, b)
 #define FN(name) GLOFND_CAT(name, SUF)
 
-/* Counts of one row against lam: entries above it, and valid (finite, unmasked) entries.
- * Called with cs == 1 and vr == NULL on the hot path, where it inlines into a vector loop. */
-static inline void FN(count_row)(const T *s, int64_t cs, const uint8_t *vr, int64_t vcs,
-                                 int64_t cols, T lam, int64_t *above, int64_t *nvalid)
+#ifndef GLOFND_ROWS_DEFINED /* else the includer supplies the five contiguous kernels */
+/* Counts of a contiguous row without a validity mask: finite entries above lam, and non-finite
+ * entries (NaN, +-inf: never valid). x - x is 0 exactly when x is finite. */
+ISA_ATTR static inline void FN(count_dense)(const T *restrict s, int64_t cols, T lam,
+                                            int64_t *above, int64_t *nan)
 {
-    int64_t a = 0, nv = 0;
-    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_CHUNK) {
-        /* 32-bit accumulators keep the loop vectorisable; chunks keep them from overflowing */
-        const int64_t j1 = j0 + GLOFND_CHUNK < cols ? j0 + GLOFND_CHUNK : cols;
-        int32_t ca = 0, cv = 0;
-        if (vr == NULL) {
-            for (int64_t j = j0; j < j1; ++j) {
-                const T x = s[j * cs];
-                const int ok = isfinite(x) != 0; /* NaN and +-inf are never valid */
-                ca += ok & (x > lam);
-                cv += ok;
-            }
-        } else {
-            for (int64_t j = j0; j < j1; ++j) {
-                const T x = s[j * cs];
-                const int ok = (vr[j * vcs] != 0) & (isfinite(x) != 0);
-                ca += ok & (x > lam);
-                cv += ok;
-            }
+    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_BLOCK) {
+        const int64_t n = cols - j0 < GLOFND_BLOCK ? cols - j0 : GLOFND_BLOCK;
+        const T *restrict x = s + j0;
+        prefetch_span(x + GLOFND_BLOCK, sizeof(T) * GLOFND_BLOCK);
+        int32_t a = 0, z = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            const int fin = (x[j] - x[j]) == (T)0;
+            a += fin & (x[j] > lam);
+            z += !fin;
         }
-        a += ca;
-        nv += cv;
+        *above += a;
+        *nan += z;
     }
-    *above += a;
-    *nvalid += nv;
 }
 
-/* Writes the false-negative flags of one row and returns its kept (valid, unflagged) count. */
-static inline int64_t FN(mask_row)(const T *s, int64_t cs, const uint8_t *vr, int64_t vcs,
-                                   int64_t cols, T lam, uint8_t *out)
+/* Counts of a contiguous row under a contiguous validity row: valid finite entries above lam, and
+ * valid finite entries. */
+ISA_ATTR static inline void FN(count_valid)(const T *restrict s, const uint8_t *restrict v,
+                                            int64_t cols, T lam, int64_t *above, int64_t *nvalid)
+{
+    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_BLOCK) {
+        const int64_t n = cols - j0 < GLOFND_BLOCK ? cols - j0 : GLOFND_BLOCK;
+        const T *restrict x = s + j0;
+        prefetch_span(x + GLOFND_BLOCK, sizeof(T) * GLOFND_BLOCK);
+        const uint8_t *restrict w = v + j0;
+        prefetch_span(w + GLOFND_BLOCK, GLOFND_BLOCK);
+        int32_t a = 0, c = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            const int ok = (w[j] != 0) & ((x[j] - x[j]) == (T)0);
+            a += ok & (x[j] > lam);
+            c += ok;
+        }
+        *above += a;
+        *nvalid += c;
+    }
+}
+
+/* Writes the flags of a contiguous row without a validity mask; returns the flagged and
+ * non-finite counts through *flagged and *nan. */
+ISA_ATTR static inline void FN(mask_dense)(const T *restrict s, int64_t cols, T lam,
+                                           uint8_t *restrict out, int64_t *flagged, int64_t *nan)
+{
+    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_BLOCK) {
+        const int64_t n = cols - j0 < GLOFND_BLOCK ? cols - j0 : GLOFND_BLOCK;
+        const T *restrict x = s + j0;
+        prefetch_span(x + GLOFND_BLOCK, sizeof(T) * GLOFND_BLOCK);
+        uint8_t *restrict o = out + j0;
+        int32_t f = 0, z = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            const int fin = (x[j] - x[j]) == (T)0;
+            const uint8_t b = (uint8_t)(fin & (x[j] > lam));
+            o[j] = b;
+            f += b;
+            z += !fin;
+        }
+        *flagged += f;
+        *nan += z;
+    }
+}
+
+/* Writes the flags of a contiguous row under a contiguous validity row; returns its kept count
+ * (valid, finite, not flagged). */
+ISA_ATTR static inline int64_t FN(mask_valid)(const T *restrict s, const uint8_t *restrict v,
+                                              int64_t cols, T lam, uint8_t *restrict out)
 {
     int64_t kept = 0;
-    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_CHUNK) {
-        const int64_t j1 = j0 + GLOFND_CHUNK < cols ? j0 + GLOFND_CHUNK : cols;
+    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_BLOCK) {
+        const int64_t n = cols - j0 < GLOFND_BLOCK ? cols - j0 : GLOFND_BLOCK;
+        const T *restrict x = s + j0;
+        prefetch_span(x + GLOFND_BLOCK, sizeof(T) * GLOFND_BLOCK);
+        const uint8_t *restrict w = v + j0;
+        prefetch_span(w + GLOFND_BLOCK, GLOFND_BLOCK);
+        uint8_t *restrict o = out + j0;
         int32_t k = 0;
-        if (vr == NULL) {
-            for (int64_t j = j0; j < j1; ++j) {
-                const T x = s[j * cs];
-                const int ok = isfinite(x) != 0;
-                const uint8_t f = (uint8_t)(ok & (x > lam));
-                out[j] = f;
-                k += ok - f;
-            }
-        } else {
-            for (int64_t j = j0; j < j1; ++j) {
-                const T x = s[j * cs];
-                const int ok = (vr[j * vcs] != 0) & (isfinite(x) != 0);
-                const uint8_t f = (uint8_t)(ok & (x > lam));
-                out[j] = f;
-                k += ok - f;
-            }
+        for (int64_t j = 0; j < n; ++j) {
+            const int ok = (w[j] != 0) & ((x[j] - x[j]) == (T)0);
+            const uint8_t b = (uint8_t)(ok & (x[j] > lam));
+            o[j] = b;
+            k += ok - b;
         }
         kept += k;
     }
     return kept;
 }
 
-/* One distinct index: pool its rows, update its lambda, then mask its rows. */
-static void FN(do_group)(const T *sim, const glofnd_batch *b, glofnd_state *st,
-                         const glofnd_params *p, const int64_t *rows, int64_t nrows,
-                         uint8_t *mask, int64_t *kept)
+/* Writes the flags of a contiguous row without a validity mask that the count pass found all
+ * finite; returns the flagged count. */
+ISA_ATTR static inline int64_t FN(mask_flags)(const T *restrict s, int64_t cols, T lam,
+                                              uint8_t *restrict out)
 {
-    const int64_t i = b->index[rows[0]];
-    const int64_t rs = b->row_stride, cs = b->col_stride, M = b->cols;
-    const int64_t vrs = b->valid_row_stride, vcs = b->valid_col_stride;
-    const int contiguous = cs == 1 && b->valid == NULL;
+    int64_t flagged = 0;
+    for (int64_t j0 = 0; j0 < cols; j0 += GLOFND_BLOCK) {
+        const int64_t n = cols - j0 < GLOFND_BLOCK ? cols - j0 : GLOFND_BLOCK;
+        const T *restrict x = s + j0;
+        uint8_t *restrict o = out + j0;
+        int32_t f = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            const uint8_t b = x[j] > lam;
+            o[j] = b;
+            f += b;
+        }
+        flagged += f;
+    }
+    return flagged;
+}
+#endif /* GLOFND_ROWS_DEFINED */
 
+/* Any layout: the same counts through element strides. */
+ISA_ATTR static void FN(count_strided)(const T *s, int64_t cs, const uint8_t *v, int64_t vcs,
+                                       int64_t cols, T lam, int64_t *above, int64_t *nvalid)
+{
+    int64_t a = 0, c = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+        const T x = s[j * cs];
+        const int ok = (v == NULL || v[j * vcs] != 0) & ((x - x) == (T)0);
+        a += ok & (x > lam);
+        c += ok;
+    }
+    *above += a;
+    *nvalid += c;
+}
+
+/* Any layout: the same flags and kept count through element strides. */
+ISA_ATTR static int64_t FN(mask_strided)(const T *s, int64_t cs, const uint8_t *v, int64_t vcs,
+                                         int64_t cols, T lam, uint8_t *out)
+{
+    int64_t kept = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+        const T x = s[j * cs];
+        const int ok = (v == NULL || v[j * vcs] != 0) & ((x - x) == (T)0);
+        const uint8_t b = (uint8_t)(ok & (x > lam));
+        out[j] = b;
+        kept += ok - b;
+    }
+    return kept;
+}
+
+/* Counts of row r, whatever the layout. */
+ISA_ATTR static inline void FN(count_row)(const T *sim, const glofnd_batch *b, int64_t r, T lam,
+                                          int64_t *above, int64_t *nvalid)
+{
+    const T *s = sim + r * b->row_stride;
+    const int64_t M = b->cols;
+    const uint8_t *v = b->valid != NULL ? b->valid + r * b->valid_row_stride : NULL;
+    if (b->col_stride == 1 && v == NULL) {
+        int64_t nan = 0;
+        FN(count_dense)(s, M, lam, above, &nan);
+        *nvalid += M - nan;
+    } else if (b->col_stride == 1 && b->valid_col_stride == 1) {
+        FN(count_valid)(s, v, M, lam, above, nvalid);
+    } else {
+        FN(count_strided)(s, b->col_stride, v, b->valid_col_stride, M, lam, above, nvalid);
+    }
+}
+
+/* Flags of row r into mask row r; returns its kept count. */
+ISA_ATTR static inline int64_t FN(mask_row)(const T *sim, const glofnd_batch *b, int64_t r, T lam,
+                                            uint8_t *mask)
+{
+    const T *s = sim + r * b->row_stride;
+    const int64_t M = b->cols;
+    const uint8_t *v = b->valid != NULL ? b->valid + r * b->valid_row_stride : NULL;
+    uint8_t *out = mask + r * M;
+    if (b->col_stride == 1 && v == NULL) {
+        int64_t flagged = 0, nan = 0;
+        FN(mask_dense)(s, M, lam, out, &flagged, &nan);
+        return M - nan - flagged;
+    }
+    if (b->col_stride == 1 && b->valid_col_stride == 1)
+        return FN(mask_valid)(s, v, M, lam, out);
+    return FN(mask_strided)(s, b->col_stride, v, b->valid_col_stride, M, lam, out);
+}
+
+/* Flags of row r after the count pass, which left the row's valid count in *kept (and the row
+ * in L1/L2): a dense row found all finite needs neither checks nor prefetches here. */
+ISA_ATTR static inline void FN(mask_counted_row)(const T *sim, const glofnd_batch *b, int64_t r,
+                                                 T lam, uint8_t *mask, int64_t *kept)
+{
+    if (b->col_stride == 1 && b->valid == NULL && *kept == b->cols)
+        *kept -= FN(mask_flags)(sim + r * b->row_stride, b->cols, lam, mask + r * b->cols);
+    else
+        *kept = FN(mask_row)(sim, b, r, lam, mask);
+}
+
+/* One distinct index: pool its rows, update its lambda, then mask its rows (still in cache). */
+ISA_ATTR static void FN(do_group)(const void *sim_v, const glofnd_batch *b, glofnd_state *st,
+                                  const glofnd_params *p, const int64_t *rows, int64_t nrows,
+                                  uint8_t *mask, int64_t *kept)
+{
+    const T *sim = (const T *)sim_v;
+    const int64_t i = b->index[rows[0]];
     if (p->update) {
         int64_t above = 0, nvalid = 0;
         const T lam = (T)st->lambda[i];
         for (int64_t k = 0; k < nrows; ++k) {
-            const int64_t r = rows[k];
-            if (contiguous)
-                FN(count_row)(sim + r * rs, 1, NULL, 0, M, lam, &above, &nvalid);
-            else
-                FN(count_row)(sim + r * rs, cs, b->valid ? b->valid + r * vrs : NULL, vcs, M,
-                              lam, &above, &nvalid);
+            int64_t row_valid = 0;
+            FN(count_row)(sim, b, rows[k], lam, &above, &row_valid);
+            nvalid += row_valid;
+            kept[rows[k]] = row_valid;
         }
         if (nvalid > 0)
             update_one(st, i, above, nvalid, p);
+        const T lam1 = (T)st->lambda[i];
+        for (int64_t k = 0; k < nrows; ++k)
+            FN(mask_counted_row)(sim, b, rows[k], lam1, mask, kept + rows[k]);
+        return;
     }
-
     const T lam = (T)st->lambda[i];
-    for (int64_t k = 0; k < nrows; ++k) {
-        const int64_t r = rows[k];
-        uint8_t *out = mask + r * M;
-        if (contiguous)
-            kept[r] = FN(mask_row)(sim + r * rs, 1, NULL, 0, M, lam, out);
-        else
-            kept[r] = FN(mask_row)(sim + r * rs, cs, b->valid ? b->valid + r * vrs : NULL, vcs,
-                                   M, lam, out);
-    }
-}
-
-int GLOFND_CAT(glofnd_step, SUF)(const T *sim, const glofnd_batch *b, glofnd_state *st,
-                                 const glofnd_params *p, uint8_t *mask, int64_t *kept)
-{
-    int status = check_args(b, st, p);
-    if (status != GLOFND_OK)
-        return status;
-    if (b->rows == 0)
-        return GLOFND_OK;
-
-    grouping g;
-    status = group_rows(b->index, b->rows, &g);
-    if (status != GLOFND_OK)
-        return status;
-
-    const int64_t ngroups = g.ngroups;
-    const int nt = p->num_threads;
-    (void)nt;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 8) num_threads(nt > 1 ? nt : 1) if (nt > 1)
-#endif
-    for (int64_t k = 0; k < ngroups; ++k)
-        FN(do_group)(sim, b, st, p, g.order + g.starts[k], g.starts[k + 1] - g.starts[k], mask,
-                     kept);
-
-    free(g.block);
-    return GLOFND_OK;
+    for (int64_t k = 0; k < nrows; ++k)
+        kept[rows[k]] = FN(mask_row)(sim, b, rows[k], lam, mask);
 }
 
 #undef FN

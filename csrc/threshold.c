@@ -4,7 +4,13 @@
  * handled start to finish by one thread with integer counts, so the bytes written do not depend
  * on the number of threads or on the order in which groups run. The update arithmetic is done in
  * double, one IEEE operation at a time (built with -ffp-contract=off), and rounded to float32 on
- * store; the pure-torch reference performs the same operations in the same order. */
+ * store; the pure-torch reference performs the same operations in the same order.
+ *
+ * Speed: the similarities are read from memory once. A group's rows are counted, its lambda
+ * updated, and the same rows, still in L1/L2, compared again for the mask; no R x M temporary
+ * exists besides the caller's mask. Row loops are compiled per instruction set and chosen at
+ * run time (step_impl.h, rows_avx512.h); rows and the state entries of upcoming groups are
+ * prefetched. benchmarks/run.py measures all of it against a plain read of the matrix. */
 #include "glofnd.h"
 
 #include <float.h>
@@ -16,7 +22,27 @@
 #include <omp.h>
 #endif
 
-#define GLOFND_CHUNK ((int64_t)1 << 24)
+/* Entries per block of the portable row loops (32-bit counters; the next block is prefetched),
+ * and the prefetch distance of the AVX-512 loops in floats (4 KiB). */
+#define GLOFND_BLOCK ((int64_t)1024)
+#define GLOFND_PREFETCH_FLOATS 1024
+
+#if defined(__GNUC__) || defined(__clang__)
+#define GLOFND_NOINLINE __attribute__((noinline))
+#define GLOFND_PREFETCH_R(p) __builtin_prefetch((p), 0, 3)
+#define GLOFND_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
+#else
+#define GLOFND_NOINLINE
+#define GLOFND_PREFETCH_R(p) ((void)(p))
+#define GLOFND_PREFETCH_W(p) ((void)(p))
+#endif
+
+/* Groups ahead whose state entries are prefetched: the indices are random over n, so without it
+ * every group would wait for four cache misses once the state outgrows the caches. */
+#define GLOFND_PREFETCH_GROUPS 4
+
+/* Entries per thread below which another thread costs more (fork, join) than it saves. */
+#define GLOFND_MIN_WORK_PER_THREAD ((int64_t)1 << 16)
 
 int glofnd_has_openmp(void)
 {
@@ -27,21 +53,55 @@ int glofnd_has_openmp(void)
 #endif
 }
 
-/* b**e by binary exponentiation: a fixed sequence of multiplications the reference repeats
- * exactly, where libm's pow and torch's vectorised pow may differ in the last bit. */
-static double ipow(double base, int64_t e)
+/* b1**e and b2**e by binary exponentiation: a fixed sequence of multiplications the reference
+ * repeats exactly, where libm's pow and torch's vectorised pow may differ in the last bit. A
+ * factor 1.0 where a bit of e is clear is exact and keeps the loop free of branches. */
+static void ipow2(double b1, double b2, int64_t e, double *r1, double *r2)
 {
-    double r = 1.0;
+    double x1 = 1.0, x2 = 1.0;
     while (e > 0) {
-        if (e & 1)
-            r *= base;
-        base *= base;
+        const int bit = (int)(e & 1);
+        x1 *= bit ? b1 : 1.0;
+        x2 *= bit ? b2 : 1.0;
+        b1 *= b1;
+        b2 *= b2;
         e >>= 1;
     }
-    return r;
+    *r1 = x1;
+    *r2 = x2;
 }
 
-static void update_one(glofnd_state *st, int64_t i, int64_t above, int64_t nvalid,
+#if defined(_MSC_VER) && !defined(__clang__)
+#define GLOFND_THREAD_LOCAL __declspec(thread)
+#else
+#define GLOFND_THREAD_LOCAL _Thread_local
+#endif
+
+/* 1 - b1**t and 1 - b2**t, remembered per thread for the last (b1, b2, t): the samples of a
+ * batch mostly share t (each is visited once per epoch), and the loop costs ~100 cycles. The
+ * values are the ones ipow2 computes, so the bytes do not change. */
+static void bias_denominators(double b1, double b2, int64_t t, double *d1, double *d2)
+{
+    static GLOFND_THREAD_LOCAL struct {
+        double b1, b2, d1, d2;
+        int64_t t;
+    } memo = {0.0, 0.0, 0.0, 0.0, -1};
+    if (memo.t != t || memo.b1 != b1 || memo.b2 != b2) {
+        double pow1, pow2;
+        ipow2(b1, b2, t, &pow1, &pow2);
+        memo.b1 = b1;
+        memo.b2 = b2;
+        memo.t = t;
+        memo.d1 = 1.0 - pow1;
+        memo.d2 = 1.0 - pow2;
+    }
+    *d1 = memo.d1;
+    *d2 = memo.d2;
+}
+
+/* Not inlined: the update arithmetic is compiled once, for the baseline instruction set, and
+ * shared by every kernel variant. */
+GLOFND_NOINLINE static void update_one(glofnd_state *st, int64_t i, int64_t above, int64_t nvalid,
                        const glofnd_params *p)
 {
     const double g = p->alpha - (double)above / (double)nvalid;
@@ -52,8 +112,10 @@ static void update_one(glofnd_state *st, int64_t i, int64_t above, int64_t nvali
         const double m = p->beta1 * (double)st->exp_avg[i] + (1.0 - p->beta1) * g;
         const double v = p->beta2 * (double)st->exp_avg_sq[i] + (1.0 - p->beta2) * g * g;
         const int64_t tb = p->step > 0 ? p->step : (int64_t)t;
-        const double mhat = m / (1.0 - ipow(p->beta1, tb));
-        const double vhat = v / (1.0 - ipow(p->beta2, tb));
+        double d1, d2;
+        bias_denominators(p->beta1, p->beta2, tb, &d1, &d2);
+        const double mhat = m / d1;
+        const double vhat = v / d2;
         next = lam - p->lr * mhat / (sqrt(vhat) + p->eps);
         st->exp_avg[i] = (float)m;
         st->exp_avg_sq[i] = (float)v;
@@ -82,6 +144,27 @@ static int check_args(const glofnd_batch *b, const glofnd_state *st, const glofn
         if (b->index[r] < 0 || b->index[r] >= st->n)
             return GLOFND_EINDEX;
     return GLOFND_OK;
+}
+
+/* Prefetches the cache lines of [p, p + bytes) for reading: the hardware prefetchers leave one
+ * core well short of the memory bandwidth on these short row streams. Never faults. */
+static inline void prefetch_span(const void *p, size_t bytes)
+{
+    for (size_t off = 0; off < bytes; off += 64)
+        GLOFND_PREFETCH_R((const char *)p + off);
+}
+
+/* Threads to use: at most the caller's, one per GLOFND_MIN_WORK_PER_THREAD entries, one per
+ * group. The bytes written do not depend on it. */
+static int threads_for(int requested, int64_t entries, int64_t groups)
+{
+    int64_t nt = requested > 1 ? requested : 1;
+    const int64_t by_work = entries / GLOFND_MIN_WORK_PER_THREAD;
+    if (nt > by_work)
+        nt = by_work > 1 ? by_work : 1;
+    if (nt > groups)
+        nt = groups;
+    return (int)nt;
 }
 
 /* Rows grouped by index: group k holds rows order[starts[k] .. starts[k+1]), ascending. */
@@ -142,14 +225,180 @@ static int group_rows(const int64_t *index, int64_t rows, grouping *g)
     return GLOFND_OK;
 }
 
-#define T float
-#define SUF f32
-#include "step_impl.h"
-#undef T
-#undef SUF
+/* A group kernel: pools, updates and masks the rows of one index (step_impl.h). */
+typedef void (*group_fn)(const void *sim, const glofnd_batch *b, glofnd_state *st,
+                         const glofnd_params *p, const int64_t *rows, int64_t nrows,
+                         uint8_t *mask, int64_t *kept);
 
-#define T double
-#define SUF f64
+/* Each kernel family is compiled for the baseline instruction set and, with GCC or Clang on
+ * x86-64, also for AVX2 and AVX-512 (picked at run time: portable builds, no -march needed). */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(GLOFND_NO_DISPATCH)
+#define GLOFND_X86_DISPATCH 1
+#endif
+
+#define ISA_ATTR
+#define T float
+#define SUF f32_base
 #include "step_impl.h"
-#undef T
 #undef SUF
+#undef T
+#define T double
+#define SUF f64_base
+#include "step_impl.h"
+#undef SUF
+#undef T
+#undef ISA_ATTR
+
+#ifdef GLOFND_X86_DISPATCH
+#define ISA_ATTR __attribute__((target("avx2")))
+#define T float
+#define SUF f32_avx2
+#include "step_impl.h"
+#undef SUF
+#undef T
+#define T double
+#define SUF f64_avx2
+#include "step_impl.h"
+#undef SUF
+#undef T
+#undef ISA_ATTR
+
+#if defined(__clang__)
+#define ISA_ATTR __attribute__((target("avx512f,avx512bw,avx512vl")))
+#else
+#define ISA_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512")))
+#endif
+#include "rows_avx512.h"
+#define GLOFND_ROWS_DEFINED
+#define T float
+#define SUF f32_avx512
+#include "step_impl.h"
+#undef SUF
+#undef T
+#undef GLOFND_ROWS_DEFINED
+#define T double
+#define SUF f64_avx512
+#include "step_impl.h"
+#undef SUF
+#undef T
+#undef ISA_ATTR
+#endif
+
+/* The widest instruction set this CPU runs, among those compiled in. */
+static int best_isa(void)
+{
+#ifdef GLOFND_X86_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("popcnt"))
+        return GLOFND_ISA_AVX512;
+    if (__builtin_cpu_supports("avx2"))
+        return GLOFND_ISA_AVX2;
+#endif
+    return GLOFND_ISA_BASE;
+}
+
+#ifdef GLOFND_X86_DISPATCH
+static int current_isa = -1; /* -1: not chosen yet; accessed atomically */
+#endif
+
+int glofnd_isa(void)
+{
+#ifdef GLOFND_X86_DISPATCH
+    int isa = __atomic_load_n(&current_isa, __ATOMIC_RELAXED);
+    if (isa < 0) {
+        isa = best_isa();
+        __atomic_store_n(&current_isa, isa, __ATOMIC_RELAXED);
+    }
+    return isa;
+#else
+    return GLOFND_ISA_BASE;
+#endif
+}
+
+int glofnd_set_isa(int isa)
+{
+    if (isa == -1)
+        isa = best_isa();
+    if (isa < GLOFND_ISA_BASE || isa > best_isa())
+        return GLOFND_EINVAL;
+#ifdef GLOFND_X86_DISPATCH
+    __atomic_store_n(&current_isa, isa, __ATOMIC_RELAXED);
+#endif
+    return GLOFND_OK;
+}
+
+static group_fn kernel_f32(void)
+{
+    switch (glofnd_isa()) {
+#ifdef GLOFND_X86_DISPATCH
+    case GLOFND_ISA_AVX512:
+        return do_group_f32_avx512;
+    case GLOFND_ISA_AVX2:
+        return do_group_f32_avx2;
+#endif
+    default:
+        return do_group_f32_base;
+    }
+}
+
+static group_fn kernel_f64(void)
+{
+    switch (glofnd_isa()) {
+#ifdef GLOFND_X86_DISPATCH
+    case GLOFND_ISA_AVX512:
+        return do_group_f64_avx512;
+    case GLOFND_ISA_AVX2:
+        return do_group_f64_avx2;
+#endif
+    default:
+        return do_group_f64_base;
+    }
+}
+
+static inline void prefetch_state(const glofnd_state *st, int64_t i)
+{
+    GLOFND_PREFETCH_W(st->lambda + i);
+    GLOFND_PREFETCH_W(st->exp_avg + i);
+    GLOFND_PREFETCH_W(st->exp_avg_sq + i);
+    GLOFND_PREFETCH_W(st->steps + i);
+}
+
+static int run_step(group_fn fn, const void *sim, const glofnd_batch *b, glofnd_state *st,
+                    const glofnd_params *p, uint8_t *mask, int64_t *kept)
+{
+    int status = check_args(b, st, p);
+    if (status != GLOFND_OK || b->rows == 0)
+        return status;
+    grouping g;
+    status = group_rows(b->index, b->rows, &g);
+    if (status != GLOFND_OK)
+        return status;
+
+    const int64_t ngroups = g.ngroups;
+    const int nt = threads_for(p->num_threads, b->rows * b->cols, ngroups);
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
+#endif
+    for (int64_t k = 0; k < ngroups; ++k) {
+        if (k + GLOFND_PREFETCH_GROUPS < ngroups)
+            prefetch_state(st, b->index[g.order[g.starts[k + GLOFND_PREFETCH_GROUPS]]]);
+        fn(sim, b, st, p, g.order + g.starts[k], g.starts[k + 1] - g.starts[k], mask, kept);
+    }
+
+    free(g.block);
+    return GLOFND_OK;
+}
+
+int glofnd_step_f32(const float *sim, const glofnd_batch *b, glofnd_state *st,
+                    const glofnd_params *p, uint8_t *mask, int64_t *kept)
+{
+    return run_step(kernel_f32(), sim, b, st, p, mask, kept);
+}
+
+int glofnd_step_f64(const double *sim, const glofnd_batch *b, glofnd_state *st,
+                    const glofnd_params *p, uint8_t *mask, int64_t *kept)
+{
+    return run_step(kernel_f64(), sim, b, st, p, mask, kept);
+}

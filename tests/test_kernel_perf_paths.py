@@ -1,0 +1,267 @@
+"""The fast paths of the C kernel give the reference's bytes.
+
+Every instruction-set variant of the row kernels (base, AVX2, AVX-512, where the CPU runs them),
+every layout (contiguous, strided columns, padded rows, transposed; validity mask absent,
+contiguous or strided), widths that end in every kind of vector tail, NaN/inf/ties at λ, and 1
+vs 2 threads: the mask, the kept counts and the four state arrays must equal, byte for byte,
+those of the pure-torch reference (glofnd/reference.py). No tolerance: the kernel only compares
+and counts, and its update performs the reference's float64 operations in the same order.
+"""
+import numpy as np
+import pytest
+import torch
+
+import glofnd
+
+from glofnd import numpy_api, reference
+
+_C = pytest.importorskip("glofnd._C")
+
+ISAS = ["base", "avx2", "avx512"]
+# widths around the 16- and 64-lane blocks of the vector loops, and a few odd ones
+WIDTHS = [1, 3, 15, 16, 17, 63, 64, 65, 127, 128, 129, 200]
+OPT = {"adam": reference.ADAM, "sgd": reference.SGD}
+
+
+def isa_available(name):
+    try:
+        _C.set_isa(name)
+    except ValueError:
+        return False
+    finally:
+        _C.set_isa(None)
+    return True
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if not isa_available(request.param):
+        pytest.skip(f"{request.param} is not available on this CPU or build")
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(None)
+
+
+def make_state(n, rng, warm):
+    """A state with some entries already moved (warm), so λ sits among the similarities."""
+    st = numpy_api.init_state(n)
+    if warm:
+        st["lambdas"][:] = rng.uniform(-0.5, 0.5, n).astype(np.float32)
+        st["exp_avg"][:] = rng.normal(0, 0.1, n).astype(np.float32)
+        st["exp_avg_sq"][:] = rng.uniform(0, 0.1, n).astype(np.float32)
+        st["steps"][:] = rng.integers(0, 50, n).astype(np.int32)
+    return st
+
+
+def make_sim(rows, cols, dtype, rng, lambdas, index, edge):
+    sim = rng.uniform(-1, 1, (rows, cols)).astype(dtype)
+    if edge:
+        # ties: entries exactly at the row's current λ (strict > must leave them out)
+        ties = rng.random((rows, cols)) < 0.1
+        sim[ties] = np.broadcast_to(lambdas[index].astype(dtype)[:, None], sim.shape)[ties]
+        sim[rng.random((rows, cols)) < 0.05] = np.nan
+        sim[rng.random((rows, cols)) < 0.02] = np.inf
+        sim[rng.random((rows, cols)) < 0.02] = -np.inf
+    return sim
+
+
+def layout(a, kind):
+    """The same values as a, in a different memory layout."""
+    if kind == "contiguous":
+        return a
+    if kind == "strided_cols":  # column stride 2
+        wide = np.zeros((a.shape[0], 2 * a.shape[1]), a.dtype)
+        wide[:, ::2] = a
+        return wide[:, ::2]
+    if kind == "padded_rows":  # row stride > cols, columns contiguous
+        wide = np.zeros((a.shape[0], a.shape[1] + 5), a.dtype)
+        wide[:, :a.shape[1]] = a
+        return wide[:, :a.shape[1]]
+    if kind == "transposed":
+        return np.ascontiguousarray(a.T).T
+    raise AssertionError(kind)
+
+
+def reference_step(sim, index, valid, st, **kw):
+    """The pure-torch reference on copies of the state; returns (mask, kept, state) as NumPy."""
+    t = {k: torch.from_numpy(v.copy()) for k, v in st.items()}
+    mask, kept = reference.threshold_step(
+        torch.from_numpy(np.ascontiguousarray(sim)), torch.from_numpy(index),
+        None if valid is None else torch.from_numpy(np.ascontiguousarray(valid)),
+        t["lambdas"], t["exp_avg"], t["exp_avg_sq"], t["steps"],
+        kw["alpha"], kw["lr"], kw["beta1"], kw["beta2"], kw["eps"], kw["lo"], kw["hi"],
+        kw["optimizer"], kw["step"], kw["update"])
+    return mask.numpy(), kept.numpy(), {k: v.numpy() for k, v in t.items()}
+
+
+def c_step(sim, index, valid, st, threads, **kw):
+    s = {k: v.copy() for k, v in st.items()}
+    mask, kept = _C.step(sim, index, valid, s["lambdas"], s["exp_avg"], s["exp_avg_sq"],
+                         s["steps"], num_threads=threads, **kw)
+    return mask, kept, s
+
+
+def assert_same_bytes(got, want):
+    gm, gk, gs = got
+    wm, wk, ws = want
+    assert gm.dtype == np.bool_ and gm.shape == wm.shape
+    assert gm.tobytes() == wm.tobytes(), f"mask differs at {np.argwhere(gm != wm)[:5]}"
+    assert np.array_equal(gk, wk), f"kept {gk} != {wk}"
+    for k in ws:
+        assert gs[k].tobytes() == ws[k].tobytes(), f"state {k} differs"
+
+
+def params(optimizer="adam", step=0, update=True):
+    return dict(alpha=0.1, lr=0.05, beta1=0.9, beta2=0.98, eps=1e-8, lo=-1.0, hi=1.0,
+                optimizer=OPT[optimizer], step=step, update=update)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cols", WIDTHS)
+def test_widths_match_reference(isa, dtype, cols):
+    """Every vector tail, two view rows per anchor (index = cat(idx, idx)), NaN/inf/ties."""
+    rng = np.random.default_rng(cols)
+    n, b = 50, 6
+    idx = rng.choice(n, b, replace=False)
+    index = np.concatenate([idx, idx]).astype(np.int64)
+    st = make_state(n, rng, warm=True)
+    sim = make_sim(2 * b, cols, dtype, rng, st["lambdas"], index, edge=True)
+    kw = params()
+    want = reference_step(sim, index, None, st, **kw)
+    for threads in (1, 2):
+        assert_same_bytes(c_step(sim, index, None, st, threads, **kw), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sim_layout", ["contiguous", "strided_cols", "padded_rows", "transposed"])
+@pytest.mark.parametrize("valid_layout", [None, "contiguous", "strided_cols", "transposed"])
+def test_layouts_match_reference(isa, dtype, sim_layout, valid_layout):
+    """Non-contiguous sim and valid take other loops; they must give the same bytes."""
+    rng = np.random.default_rng(7)
+    n, rows, cols = 40, 23, 131
+    index = rng.integers(0, 12, rows).astype(np.int64)  # repeated ids, uneven group sizes
+    st = make_state(n, rng, warm=True)
+    sim = make_sim(rows, cols, dtype, rng, st["lambdas"], index, edge=True)
+    valid = None
+    if valid_layout is not None:
+        valid = rng.random((rows, cols)) < 0.8
+        valid[3] = False  # a row without a valid entry: λ of its index moves only by its peers
+    s_in = layout(sim, sim_layout)
+    v_in = None if valid is None else layout(valid, valid_layout)
+    kw = params()
+    want = reference_step(sim, index, valid, st, **kw)
+    for threads in (1, 2):
+        got = c_step(s_in, index, v_in, st, threads, **kw)
+        assert_same_bytes(got, want)
+
+
+@pytest.mark.parametrize("optimizer,step,update",
+                         [("adam", 0, True), ("adam", 3, True), ("sgd", 0, True),
+                          ("adam", 0, False)])
+def test_options_match_reference(isa, optimizer, step, update):
+    """Adam with per-sample or fixed t, SGD, and masking without an update."""
+    rng = np.random.default_rng(11)
+    n, b, cols = 1000, 64, 257
+    idx = rng.choice(n, b, replace=False)
+    index = np.concatenate([idx, idx]).astype(np.int64)
+    st = make_state(n, rng, warm=True)
+    st["steps"][idx[:5]] = np.iinfo(np.int32).max  # saturating count
+    sim = make_sim(2 * b, cols, np.float32, rng, st["lambdas"], index, edge=False)
+    kw = params(optimizer, step, update)
+    want = reference_step(sim, index, None, st, **kw)
+    for threads in (1, 2, 3):
+        assert_same_bytes(c_step(sim, index, None, st, threads, **kw), want)
+
+
+def test_many_steps_match_reference(isa):
+    """A short run: the state carried across steps stays byte-equal (t up to 40)."""
+    rng = np.random.default_rng(3)
+    n, b, cols = 30, 8, 65
+    st_c = make_state(n, rng, warm=False)
+    st_r = {k: v.copy() for k, v in st_c.items()}
+    kw = params()
+    for _ in range(40):
+        idx = rng.choice(n, b, replace=False)
+        index = np.concatenate([idx, idx]).astype(np.int64)
+        sim = rng.uniform(-1, 1, (2 * b, cols)).astype(np.float32)
+        got = c_step(sim, index, None, st_c, 2, **kw)
+        want = reference_step(sim, index, None, st_r, **kw)
+        assert_same_bytes(got, want)
+        st_c, st_r = got[2], want[2]
+    assert (st_c["steps"] > 0).any() and (st_c["lambdas"] < 1).any()  # the state moved
+
+
+def test_isa_choices_agree():
+    """All instruction sets this CPU runs give one result on a mid-size batch."""
+    rng = np.random.default_rng(5)
+    n, b, cols = 500, 96, 1001
+    idx = rng.choice(n, b, replace=False)
+    index = np.concatenate([idx, idx]).astype(np.int64)
+    st = make_state(n, rng, warm=True)
+    sim = make_sim(2 * b, cols, np.float32, rng, st["lambdas"], index, edge=True)
+    valid = rng.random(sim.shape) < 0.9
+    results = []
+    for name in ISAS:
+        if not isa_available(name):
+            continue
+        _C.set_isa(name)
+        try:
+            results.append((name, c_step(sim, index, valid, st, 2, **params())))
+        finally:
+            _C.set_isa(None)
+    assert results and results[0][0] == "base"
+    for _, got in results[1:]:
+        assert_same_bytes(got, results[0][1])
+
+
+def test_set_isa_rejects_unknown_name():
+    with pytest.raises(ValueError, match="isa"):
+        _C.set_isa("sse9")
+    assert _C.isa() in ISAS
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_module_matches_reference(threads):
+    """GloFND on CPU tensors (C path) against the same module routed to the reference."""
+    from glofnd import GloFND, _ops
+
+    gen = torch.Generator().manual_seed(0)
+    n, b, cols = 200, 32, 64
+    mods = [GloFND(n, alpha=0.05), GloFND(n, alpha=0.05)]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for _ in range(5):
+            idx = torch.randperm(n, generator=gen)[:b]
+            index = torch.cat([idx, idx]).to(torch.int32)  # converted by the module
+            sim = (torch.rand(2 * b, cols, generator=gen) * 2 - 1)[:, ::1]
+            valid = torch.rand(2 * b, cols, generator=gen) < 0.9
+            outs = []
+            for name, mod in zip(("c", "reference"), mods):
+                with glofnd.use_backend(name):
+                    outs.append(mod.step(sim, index, valid))
+            assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    finally:
+        torch.set_num_threads(prev)
+    for name in ("lambdas", "exp_avg", "exp_avg_sq", "steps"):
+        a, r = getattr(mods[0], name), getattr(mods[1], name)
+        assert a.numpy().tobytes() == r.numpy().tobytes(), name
+
+
+def test_changing_betas_between_calls(isa):
+    """The kernel remembers the last bias-correction denominators per thread; a call with other
+    betas (or another fixed t) at the same counts must not reuse them."""
+    rng = np.random.default_rng(13)
+    n, b, cols = 64, 16, 33
+    st_c = make_state(n, rng, warm=False)
+    st_c["steps"][:] = 4
+    st_r = {k: v.copy() for k, v in st_c.items()}
+    for beta1, beta2, step in [(0.9, 0.98, 0), (0.5, 0.9, 0), (0.5, 0.9, 7), (0.9, 0.98, 7)]:
+        idx = rng.choice(n, b, replace=False)
+        index = np.concatenate([idx, idx]).astype(np.int64)
+        sim = rng.uniform(-1, 1, (2 * b, cols)).astype(np.float32)
+        kw = dict(params(step=step), beta1=beta1, beta2=beta2)
+        got = c_step(sim, index, None, st_c, 1, **kw)
+        want = reference_step(sim, index, None, st_r, **kw)
+        assert_same_bytes(got, want)
+        st_c, st_r = got[2], want[2]
