@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 
+from ._checks import _is_int, _real
+
 try:
     from . import _C
 except ImportError:
@@ -17,27 +19,6 @@ _STATE = (("lambdas", np.float32), ("exp_avg", np.float32), ("exp_avg_sq", np.fl
           ("steps", np.int32))
 _MAX_THREADS = 1024  # the C binding's limit
 _F32 = float(np.finfo(np.float32).max)  # λ is stored in float32: bounds beyond would round to inf
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _real(name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
-    """value as a float inside the interval; TypeError / ValueError naming ``name`` otherwise."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
-                                                                     np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    try:
-        v = float(value)
-    except OverflowError:
-        raise ValueError(f"{name} is out of range") from None
-    below = v <= lo if lo_open else v < lo
-    above = v >= hi if hi_open else v > hi
-    if not np.isfinite(v) or below or above:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must lie in {lb}{lo}, {hi}{rb}, got {v}")
-    return v
 
 
 def _pair(name: str, value) -> tuple:

@@ -10,23 +10,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops
+from ._checks import _real as _check_real
 from . import distributed as _dist
 from .reference import ADAM, SGD
 
 _OPTIMIZERS = {"adam": ADAM, "sgd": SGD}
 _BIAS_CORRECTION = ("sample", "epoch")
-
-
-def _check_real(name: str, value, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    below = value <= lo if lo_open else value < lo
-    above = value >= hi if hi_open else value > hi
-    if not math.isfinite(value) or below or above:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must lie in {lb}{lo}, {hi}{rb}, got {value}")
-    return value
 
 
 def check_batch(sim: Tensor, index: Tensor, valid: Optional[Tensor], num_samples: int,
