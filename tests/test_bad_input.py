@@ -76,6 +76,39 @@ def _module_setup(rng):
     return {"kwargs": kw, "module": fnd}
 
 
+def _features(rng, b=4, d=3):
+    z = torch.from_numpy(rng.normal(size=(2, b, d)).astype(np.float32))
+    return z[0], z[1]
+
+
+def _loss_setup(rng):
+    loss = glofnd.GloFNDLoss(N, temperature=0.2, alpha=0.3, base="sogclr", init_lambda=0.5)
+    for _ in range(2):  # a state that is not the initial one
+        z0, z1 = _features(rng)
+        loss(z0, z1, torch.tensor([0, 1, 2, 3]))
+    z0, z1 = _features(rng)
+    kw = {"z0": z0, "z1": z1, "index": torch.tensor([5, 1, 2, 0]),
+          "labels": torch.tensor([0, 1, 0, 1])}
+    return {"kwargs": kw, "module": loss}
+
+
+def _clip_setup(rng):
+    loss = glofnd.GloFNDClipLoss(N, alpha=0.3, base="sogclr", init_lambda=0.5)
+    for _ in range(2):
+        img, txt = _features(rng)
+        loss(img, txt, 10.0, torch.tensor([0, 1, 2, 3]))
+    img, txt = _features(rng)
+    kw = {"image_features": img, "text_features": txt, "logit_scale": torch.tensor(10.0),
+          "index": torch.tensor([5, 1, 2, 0]), "labels": torch.tensor([0, 1, 0, 1])}
+    return {"kwargs": kw, "module": loss}
+
+
+_LOSS_CTOR = dict(num_samples=N, temperature=0.1, alpha=0.01, lr=0.05, base="simclr",
+                  method="glofnd", gamma=0.9, start_update=0, start_mask=0)
+_CLIP_CTOR = dict(num_samples=N, alpha=0.01, lr=0.05, base="clip", method="glofnd", gamma=0.9,
+                  start_update=0, start_mask=0)
+
+
 def _module_state(ctx):
     return dict(ctx["module"].named_buffers())
 
@@ -97,6 +130,15 @@ TARGETS = {
                           lambda ctx, kw: ctx["module"].step(**kw)),
     "GloFND.forward": Target("GloFND.forward", ("c", "reference"), _module_setup,
                              lambda ctx, kw: ctx["module"](**kw)),
+    "GloFNDLoss()": Target("GloFNDLoss()", ("none",), lambda rng: {"kwargs": dict(_LOSS_CTOR)},
+                           lambda ctx, kw: glofnd.GloFNDLoss(**kw)),
+    "GloFNDClipLoss()": Target("GloFNDClipLoss()", ("none",),
+                               lambda rng: {"kwargs": dict(_CLIP_CTOR)},
+                               lambda ctx, kw: glofnd.GloFNDClipLoss(**kw)),
+    "GloFNDLoss.forward": Target("GloFNDLoss.forward", ("c", "reference"), _loss_setup,
+                                 lambda ctx, kw: ctx["module"](**kw)),
+    "GloFNDClipLoss.forward": Target("GloFNDClipLoss.forward", ("c", "reference"), _clip_setup,
+                                     lambda ctx, kw: ctx["module"](**kw)),
 }
 
 
@@ -117,6 +159,8 @@ class Row:
 
 C, NP, INIT, CTOR = ("_C.step",), ("numpy.threshold_step",), ("numpy.init_state",), ("GloFND()",)
 MOD = ("GloFND.step", "GloFND.forward")
+LCTOR, LOSS, CLIP = ("GloFNDLoss()", "GloFNDClipLoss()"), ("GloFNDLoss.forward",), \
+    ("GloFNDClipLoss.forward",)
 ARR = C + NP  # rows on NumPy arrays shared by the binding and the NumPy API
 nan, inf = math.nan, math.inf
 
@@ -330,6 +374,58 @@ ROWS = [
     Row(MOD, "exp_avg_sq-short", {}, ValueError, "exp_avg_sq",
         prepare=_buffer("exp_avg_sq", lambda t: t[:-1].clone())),
     Row(MOD, "state-meta", {}, ValueError, "sim", prepare=lambda ctx: ctx["module"].to("meta")),
+    # --- the losses: constructors -----------------------------------------------------------
+    *[Row(LCTOR, f"num_samples={v!r}", {"num_samples": v}, e, "num_samples")
+      for v, e in ((0, ValueError), (-3, ValueError), (4.0, TypeError), (None, TypeError))],
+    *[Row(LCTOR, f"alpha={v}", {"alpha": v}, ValueError, "alpha") for v in (0.0, 1.0, nan)],
+    *[Row(LCTOR, f"lr={v}", {"lr": v}, ValueError, "lr") for v in (-0.1, inf)],
+    *[Row(LCTOR, f"gamma={v}", {"gamma": v}, ValueError, "gamma") for v in (0.0, 1.5, nan)],
+    Row(LCTOR, "base-unknown", {"base": "moco"}, ValueError, "base"),
+    Row(LCTOR, "method-unknown", {"method": "debiased"}, ValueError, "method"),
+    Row(LCTOR, "start_update-negative", {"start_update": -1}, ValueError, "start_update"),
+    Row(LCTOR, "start_mask-before-update", {"start_update": 5, "start_mask": 2}, ValueError,
+        "start_mask"),
+    Row(LCTOR, "unknown-option", {"momentum": 0.9}, TypeError, "momentum"),
+    *[Row(("GloFNDLoss()",), f"temperature={v}", {"temperature": v}, ValueError, "temperature")
+      for v in (0.0, -0.1, nan, inf)],
+    Row(("GloFNDLoss()",), "temperature-str", {"temperature": "0.1"}, TypeError, "temperature"),
+    # --- the losses: forward ----------------------------------------------------------------
+    Row(LOSS, "z0-numpy", _t(lambda k: {"z0": k["z0"].numpy()}), TypeError, "z0"),
+    Row(LOSS, "z0-int", _t(lambda k: {"z0": k["z0"].to(torch.int64)}), TypeError, "z0"),
+    Row(LOSS, "z0-complex", _t(lambda k: {"z0": k["z0"].to(torch.complex64)}), TypeError, "z0"),
+    Row(LOSS, "z0-1d", _t(lambda k: {"z0": k["z0"][0]}), ValueError, "z0"),
+    Row(LOSS, "z1-shape", _t(lambda k: {"z1": k["z1"][:3]}), ValueError, "z1"),
+    Row(LOSS, "z1-dim", _t(lambda k: {"z1": k["z1"][:, :2]}), ValueError, "z1"),
+    Row(LOSS, "z1-meta", _t(lambda k: {"z1": k["z1"].to("meta")}), ValueError, "z1"),
+    Row(LOSS, "empty-batch", _t(lambda k: {"z0": k["z0"][:0], "z1": k["z1"][:0],
+                                           "index": k["index"][:0], "labels": None}),
+        ValueError, "z0"),
+    Row(CLIP, "image-numpy", _t(lambda k: {"image_features": k["image_features"].numpy()}),
+        TypeError, "image_features"),
+    Row(CLIP, "image-int", _t(lambda k: {"image_features": k["image_features"].long()}),
+        TypeError, "image_features"),
+    Row(CLIP, "text-shape", _t(lambda k: {"text_features": k["text_features"][:3]}), ValueError,
+        "text_features"),
+    Row(CLIP, "text-meta", _t(lambda k: {"text_features": k["text_features"].to("meta")}),
+        ValueError, "text_features"),
+    Row(CLIP, "empty-batch", _t(lambda k: {"image_features": k["image_features"][:0],
+                                           "text_features": k["text_features"][:0],
+                                           "index": k["index"][:0], "labels": None}),
+        ValueError, "image_features"),
+    Row(CLIP, "logit_scale-str", {"logit_scale": "10"}, TypeError, "logit_scale"),
+    Row(CLIP, "logit_scale-vector", {"logit_scale": torch.ones(2)}, ValueError, "logit_scale"),
+    Row(CLIP, "logit_scale-int", {"logit_scale": torch.tensor(10)}, ValueError, "logit_scale"),
+    *[Row(LOSS + CLIP, rid, change, err, name) for rid, change, err, name in (
+        ("index-too-large", {"index": torch.tensor([0, 1, N, 0])}, IndexError, "index"),
+        ("index-negative", {"index": torch.tensor([0, -1, 2, 0])}, IndexError, "index"),
+        ("index-float", {"index": torch.tensor([0.0, 1.0, 2.0, 0.0])}, TypeError, "index"),
+        ("index-short", {"index": torch.tensor([0, 1, 2])}, ValueError, "index"),
+        ("index-list", {"index": [0, 1, 2, 3]}, TypeError, "index"),
+        ("labels-short", {"labels": torch.tensor([0, 1])}, ValueError, "labels"),
+        ("labels-float", {"labels": torch.tensor([0.0, 1.0, 0.0, 1.0])}, TypeError, "labels"),
+        ("unknown-option", {"momentum": 0.9}, TypeError, "momentum"))],
+    Row(LOSS + CLIP, "index-meta", _t(lambda k: {"index": k["index"].to("meta")}), ValueError,
+        "index"),
 ]
 
 
