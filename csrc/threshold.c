@@ -1,4 +1,4 @@
-/* The fused GloFND threshold step: lambda update (SPEC 2-3), then the false-negative mask (SPEC 4).
+/* The fused GloFND threshold step: the lambda update, then the false-negative mask (docs/algorithm.md).
  *
  * Determinism: rows are grouped by data-set index, and one group (all rows of one index) is
  * handled start to finish by one thread with integer counts, so the bytes written do not depend

@@ -28,7 +28,7 @@ single-process path.
 Never keep the state in buffers that DDP broadcasts: with ``broadcast_buffers=True`` (DDP's
 default; ``forward_sync_buffers`` in recent PyTorch) a module registered inside the wrapped model
 has its buffers overwritten by rank 0's copy before every forward, and the other ranks' updates are
-lost (SPEC section 8). Keep the loss and its GloFND outside the wrapped model (or turn the buffer
+lost. Keep the loss and its GloFND outside the wrapped model (or turn the buffer
 sync off). GloFND keeps the values it last wrote at the entries it touched and, in a multi-process
 run, checks them before the next step: a change raises a RuntimeError that names the cause (see
 :func:`check_unchanged`).
@@ -117,7 +117,7 @@ def init_from_env(backend: Optional[str] = None, timeout=None) -> tuple[int, int
 
 
 # ----------------------------------------------------------------------------------------------
-# Detection of state overwritten between steps (SPEC section 8)
+# Detection of state overwritten between steps
 
 class _LastWrite:
     """The values a GloFND wrote at the entries (local slots) it touched in its last step."""
@@ -450,7 +450,7 @@ def fetch(local: Tensor, uniq: Tensor, rank: int, w: int, group) -> Tensor:
 
 def moving_average(u: Tensor, index: Tensor, log_g: Tensor, gamma: float, write: bool,
                    blocks: int, shard: Optional[tuple[int, int]], group) -> Tensor:
-    r"""Multi-process SogCLR moving average (SPEC 5b) over all processes' rows (collective).
+    r"""Multi-process SogCLR moving average over all processes' rows (collective).
 
     Per local row r of index i: u_r = (1−γ)u_i + γ ĝ_r (ĝ_r = exp(log_g_r) as is while u_i = 0;
     u_i unchanged for rows without kept negatives). With ``write``, every process all-gathers the

@@ -45,7 +45,7 @@ def count_ratio_log(negatives: Tensor, keep: Tensor, dtype: torch.dtype) -> Tens
 
 def masked_info_nce(logits: Tensor, positive: Tensor, negatives: Tensor,
                     removed: Optional[Tensor] = None) -> Tensor:
-    r"""Per-row InfoNCE with false negatives removed and the kept negatives rescaled (SPEC 5a).
+    r"""Per-row InfoNCE, false negatives removed, kept negatives rescaled (docs/losses.md).
 
     .. math::
 
@@ -106,7 +106,7 @@ def quantile_thresholds(sim: Tensor, valid: Tensor, q: float) -> Tensor:
 
 
 def fnc_mask(sim: Tensor, valid: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """False-negative-cancellation baseline (SPEC 6): per-row in-batch (1−α)-quantile.
+    """False-negative cancellation, a baseline of the paper: per-row in-batch (1−α)-quantile.
 
     Returns ``(mask, threshold)``: mask (R, M) bool, valid entries strictly above the row's
     threshold; threshold (R,) the quantiles (NaN for rows without valid entries).
@@ -117,13 +117,13 @@ def fnc_mask(sim: Tensor, valid: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
 
 
 def label_mask(row_labels: Tensor, col_labels: Tensor, valid: Tensor) -> Tensor:
-    """Oracle (SPEC 6): valid negatives whose label equals the row's label. (R, M) bool."""
+    """Oracle baseline: valid negatives whose label equals the row's label. (R, M) bool."""
     return (row_labels.unsqueeze(1) == col_labels.unsqueeze(0)) & valid
 
 
 def sogclr_surrogate(sim: Tensor, positive_sim: Tensor, keep: Tensor, log_u: Tensor,
                      temperature: float) -> Tensor:
-    r"""Per-row SogCLR surrogate (SPEC 5b) given each row's moving average u_r.
+    r"""Per-row SogCLR surrogate given each row's moving average u_r (docs/losses.md).
 
     .. math:: ℓ_r = -s_{r,p_r} + \frac{1}{|M_r|}\sum_{j∈M_r} \mathrm{sg}[e^{s_{rj}/τ}/u_r]\, s_{rj}
 
@@ -146,7 +146,8 @@ def log_mean_exp(x: Tensor, keep: Tensor) -> Tensor:
 
 def fn_scores(removed: Tensor, truth: Tensor) -> dict[str, Tensor]:
     """Per-row averaged precision and recall of ``removed`` against ``truth`` (both (R, M) bool),
-    and F1 = 2PR/(P+R) of the averages (SPEC 7). Rows without a prediction are left out of the
+    and F1 = 2PR/(P+R) of the averages, as the paper measures. Rows without a prediction are left
+    out of the
     precision, rows without a true false negative out of the recall; NaN when none is left."""
     tp = (removed & truth).sum(1).double()
     npred = removed.sum(1).double()

@@ -1,4 +1,4 @@
-r"""Contrastive losses with false negatives removed: SimCLR/SogCLR and CLIP (SPEC sections 5-7).
+r"""Contrastive losses with false negatives removed: SimCLR/SogCLR and CLIP (docs/losses.md).
 
 Both modules keep rows (the anchors of this process) and columns (the candidates they are compared
 with) apart: the similarity matrix is ``rows @ columns.T`` with the positive of each row given by
@@ -217,7 +217,7 @@ class _Detector(nn.Module):
         removed from the loss), ``flagged`` (share flagged by the method, also while λ is learned
         but not yet applied), ``lambda_mean/min/max`` (the batch's λ, or the fnc thresholds),
         and with labels ``precision``, ``recall``, ``f1`` of the flagged negatives against the
-        same-label negatives (per-row averages, F1 of the averages; SPEC 7). CLIP losses add
+        same-label negatives (per-row averages, F1 of the averages, as the paper). CLIP losses add
         ``image_``/``text_`` prefixed values per direction."""
         return {k: float(v) for k, v in self._stats.items()}
 
@@ -269,7 +269,7 @@ class _Detector(nn.Module):
 
     def _move_rows_state(self, u: Tensor, index: Tensor, log_g: Tensor, blocks: int = 1
                          ) -> Tensor:
-        r"""SogCLR moving average (SPEC 5b): per row u_r = (1−γ)u_i + γ ĝ_r (ĝ_r as is where u_i
+        r"""SogCLR moving average: per row u_r = (1−γ)u_i + γ ĝ_r (ĝ_r as is where u_i
         is 0); u_i ← the mean of u_r over the rows of index i that have kept negatives. Only the
         batch's entries are read or written (gathered from and scattered to the state's device).
         Returns log u_r (R,) in the dtype of ``log_g``. In eval mode u is read, not written.
@@ -339,7 +339,7 @@ class _Detector(nn.Module):
 
 
 class GloFNDLoss(_Detector):
-    r"""Unimodal contrastive loss on two views with false negatives removed (SPEC 5a, 5b).
+    r"""Unimodal contrastive loss on two views, false negatives removed (docs/losses.md).
 
     Rows are the 2B anchors ``[z0 | z1]`` against the 2B columns ``[z0 | z1]``; row r's positive
     is the other view of its sample, the self column is excluded, so every row has
@@ -489,7 +489,7 @@ class GloFNDLoss(_Detector):
 
 
 class GloFNDClipLoss(_Detector):
-    r"""Symmetric image-text contrastive loss with false negatives removed (SPEC 5, bimodal).
+    r"""Symmetric image-text contrastive loss with false negatives removed (docs/losses.md, bimodal).
 
     Rows i of the images against the B texts (image→text, thresholds ``fnd_image``) and rows of
     the texts against the B images (text→image, ``fnd_text``); the only excluded column is the

@@ -1,4 +1,4 @@
-"""The GloFND state: one learned threshold λ_i per data-set sample (SPEC sections 2-4)."""
+"""The GloFND state: one learned threshold λ_i per data-set sample (docs/algorithm.md)."""
 from __future__ import annotations
 
 import math
@@ -88,7 +88,7 @@ class GloFND(nn.Module):
         process_group: the group for ``distributed`` (None: the default group).
         check_overwrite: in a multi-process run, check before each step that the entries this
             module wrote last still hold its values, and raise a RuntimeError if another writer
-            (DDP's buffer broadcast) replaced them (SPEC section 8).
+            (DDP's buffer broadcast) replaced them.
 
     Shapes: ``sim`` (R, M) cosines of R rows against M columns, any float dtype (float16 and
     bfloat16 are compared in float32); ``index`` (R,) integer data-set ids of the rows' anchors,

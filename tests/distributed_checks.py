@@ -305,7 +305,7 @@ def _refused(module, state_dict, words):
 
 
 # ----------------------------------------------------------------------------------------------
-# DistributedDataParallel (SPEC section 8)
+# DistributedDataParallel
 
 DIM = 6
 
@@ -374,7 +374,7 @@ def ddp(module, sync_buffers=None):
 
 
 def check_ddp_fault_reproduced(rank, world_size, outdir):
-    """SPEC 8: a plain GloFND inside a DDP model with DDP's default buffer broadcast (the
+    """A plain GloFND inside a DDP model with DDP's default buffer broadcast (the
     overwrite check off) loses updates: before every forward DDP copies rank 0's state into
     every rank."""
     fnd = glofnd.GloFND(N, alpha=0.3, check_overwrite=False)

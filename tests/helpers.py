@@ -37,7 +37,7 @@ def op_step(sim, index, valid, state, optimizer=0, step=0, update=True, **hyper)
 
 def oracle_step(state: dict, sim, index, valid, alpha, lr, optimizer="adam", betas=(0.9, 0.98),
                 eps=1e-8, step=0):
-    """SPEC section 3-4 written directly: float64 arithmetic, float32 storage, Python pow.
+    """docs/algorithm.md written directly: float64 arithmetic, float32 storage, Python pow.
 
     state holds NumPy arrays (float32 lambdas/exp_avg/exp_avg_sq, int steps), updated in place.
     Returns the mask computed with the new thresholds."""

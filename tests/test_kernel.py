@@ -1,5 +1,5 @@
 """The fused threshold step: C against the reference, against an independent float64 oracle of
-SPEC sections 3-4, convergence to the true quantile, thread independence, no input mutation."""
+docs/algorithm.md, convergence to the true quantile, thread independence, no input mutation."""
 import itertools
 
 import numpy as np
@@ -118,7 +118,7 @@ def test_nonfinite_never_reaches_lambda(backend):
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("bias_correction", ["sample", "epoch"])
 def test_trajectory_matches_float64_oracle(backend, optimizer, bias_correction):
-    """Several epochs of GloFND equal SPEC 3 computed in float64 with float32 storage.
+    """Several epochs of GloFND equal the update of docs/algorithm.md computed in float64 with float32 storage.
 
     Tolerance: λ within 1e-6 (the oracle uses Python's pow, the kernel binary exponentiation);
     masks equal wherever the similarity is farther than 1e-5 from the threshold."""
@@ -253,7 +253,7 @@ def test_only_batch_entries_are_touched(backend):
 
 @pytest.mark.parametrize("rows,cols", list(itertools.product([1, 3], [1, 2])))
 def test_grouped_rows_pool_one_gradient(backend, rows, cols):
-    """All rows of one index give one update from the pooled share (SPEC 2): the same as one
+    """All rows of one index give one update from the pooled share (docs/algorithm.md): the same as one
     row holding all of their entries."""
     gen = torch.Generator().manual_seed(rows * 10 + cols)
     sim = torch.rand(rows, cols, generator=gen) * 2 - 1

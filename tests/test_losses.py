@@ -1,6 +1,6 @@
 """Tests of glofnd.GloFNDLoss and glofnd.GloFNDClipLoss.
 
-The expected values are the SPEC section 5 formulas written here again, row by row in float64
+The expected values are the formulas of docs/losses.md written here again, row by row in float64
 (loops, no code shared with glofnd.functional); peers: pytorch_metric_learning's NTXentLoss and
 open_clip's ClipLoss formula. Tolerances: 1e-10 (float64 against float64), 1e-5 (float32).
 """
@@ -43,7 +43,7 @@ def make(cls, method, base, **kw):
     return cls(20, base=base, method=method, **kw)
 
 
-# ---------------------------------------------------------------- reference formulas (SPEC 5)
+# ---------------------------------------------------------------- reference formulas (docs/losses.md)
 
 def simclr_layout(z0, z1):
     """Row r of [z0|z1] against columns [z0|z1]: (sim, positive column, valid negatives)."""
@@ -70,7 +70,7 @@ def ref_simclr(z0, z1, tau, removed):
 
 
 def ref_sogclr_rows(sim, pos_sim, valid, removed, ids, u, tau, gamma, positive_logit=True):
-    """Per-row SogCLR surrogate and the new u (a dict) following SPEC 5b. ``sim`` rows hold
+    """Per-row SogCLR surrogate and the new u (a dict) following docs/losses.md. ``sim`` rows hold
     s (unimodal) or s − s_ii (bimodal, pos_sim = 0)."""
     losses, u_rows = [], {}
     for r in range(sim.shape[0]):

@@ -31,7 +31,7 @@ def _sprinkle(rng, sim, share):
 
 
 def _sgd_oracle(lam, sim, index, valid, alpha, lr, lo=-1.0, hi=1.0):
-    """The SGD step in float64 written from SPEC 2-3, finite valid entries only."""
+    """The SGD step in float64 written from docs/algorithm.md, finite valid entries only."""
     lam = lam.copy()
     for i in np.unique(index):
         rows = sim[index == i]
