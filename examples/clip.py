@@ -12,6 +12,7 @@ oracle).
 
     python examples/clip.py                                   # all 5 methods, seed 0
     python examples/clip.py --seeds 0 1 2 --epochs 60 --out out/clip
+    torchrun --nproc-per-node 2 examples/clip.py --distributed     # 2 processes (gloo, CPU)
 
 Writes to ``--out``: results.md / results.csv (one row per method), history.csv (per epoch),
 accuracy.png, false_negatives.png, lambda_vs_quantile.png.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 import torch
@@ -96,6 +98,19 @@ class TextEncoder(nn.Module):
         return self.mlp(self.bag(ids))
 
 
+class ClipModel(nn.Module):
+    """Both encoders and the learned logit scale (log 1/τ) in one module, the one DDP wraps:
+    ``(images, tokens) -> (image features, text features, min(e^logit_scale, 100))``."""
+
+    def __init__(self, image_model: nn.Module, text_model: nn.Module, logit_scale: nn.Parameter):
+        super().__init__()
+        self.image_model, self.text_model, self.logit_scale = image_model, text_model, logit_scale
+
+    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        scale = self.logit_scale.exp().clamp(max=100.0)
+        return self.image_model(images), self.text_model(tokens), scale
+
+
 class ImageEncoder(nn.Module):
     """The shared small conv net followed by a linear projection. (B, C, H, W) -> (B, out_dim)."""
 
@@ -120,11 +135,13 @@ def parse_args(argv=None):
 
 
 def build_loss(args, method: str, num_samples: int) -> nn.Module:
-    """The loss of one run. This is the one place where the loss is configured: a multi-process
-    run passes its world size (and gathers features across processes) here."""
+    """The loss of one run. This is the one place where the loss is configured; with
+    ``--distributed`` it gathers the images and captions of all processes and shares one
+    state among them (replicated, or sharded with ``--shard-state``)."""
     return glofnd.GloFNDClipLoss(num_samples, alpha=args.alpha, lr=args.lr_lambda,
                                  base=args.base, method=method, gamma=args.gamma,
-                                 start_update=args.start_epoch, start_mask=args.start_epoch)
+                                 start_update=args.start_epoch, start_mask=args.start_epoch,
+                                 **common.loss_options(args))
 
 
 def recall_at_1(query: Tensor, keys: Tensor, query_text: list, key_text: list) -> float:
@@ -148,23 +165,36 @@ def make_train_one(args, data: common.ImageData):
     x, y = data.train_x.to(device), data.train_y.to(device)
     n = len(y)
 
-    def train_one(method: str, seed: int) -> common.RunResult:
+    def train_one(method: str, seed: int) -> Optional[common.RunResult]:
         image_model = ImageEncoder(data).to(device)
         text_model = TextEncoder(len(caps.vocab)).to(device)
         logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
-        loss_fn = build_loss(args, method, n).to(device)
+        model = ClipModel(image_model, text_model, logit_scale)
+        loss_fn = build_loss(args, method, n).to(device)  # outside DDP: DDP must not sync it
+        sampler = None
+        if args.distributed:
+            sampler = common.GlobalBatches(n, args.batch_size, seed, args.rank, args.world_size)
+        # SogCLR's bimodal loss takes the scale as a fixed 1/τ: logit_scale gets no gradient
+        net = common.wrap_ddp(model, args, find_unused_parameters=args.base == "sogclr")
 
         def step(idx):
             idx = idx.to(device)
-            scale = logit_scale.exp().clamp(max=100.0)
-            return loss_fn(image_model(augment(x[idx])), text_model(tokens[idx]), scale, idx,
-                           labels=y[idx])
+            images = augment(x[idx])
+            if sampler is not None:  # views of the whole global batch, the same on every
+                images, idx = sampler.local(images), sampler.local(idx)  # process: keep ours
+            img, txt, scale = net(images, tokens[idx])
+            return loss_fn(img, txt, scale, idx, labels=y[idx])
 
-        params = list(image_model.parameters()) + list(text_model.parameters()) + [logit_scale]
         image_model.train()
-        history = common.train_epochs(params, loss_fn, step, n, args.epochs, args.batch_size,
-                                      args.lr, f"{method} seed {seed}",
-                                      progress=not args.no_progress)
+        history = common.train_epochs(net.parameters(), loss_fn, step, n, args.epochs,
+                                      args.batch_size, args.lr, f"{method} seed {seed}",
+                                      progress=not args.no_progress and common.is_main(args),
+                                      sampler=sampler)
+        fnds = (loss_fn.fnd_image, loss_fn.fnd_text)
+        lam_final = [common.full_lambdas(f) for f in fnds]  # collective when sharded
+        common.save_state(args, method, seed, loss_fn, model)
+        if not common.is_main(args):
+            return None
         image_model.eval()
         text_model.eval()
         img_test = common.embed(image_model, data.test_x, device)
@@ -186,10 +216,10 @@ def make_train_one(args, data: common.ImageData):
             img = common.embed(image_model, data.train_x, device)
             txt = common.embed(text_model, caps.encode(texts["train"]), device)
             errs = []
-            for name, fnd, a, b in (("image→text", loss_fn.fnd_image, img, txt),
-                                    ("text→image", loss_fn.fnd_text, txt, img)):
+            for name, lam, a, b in (("image→text", lam_final[0], img, txt),
+                                    ("text→image", lam_final[1], txt, img)):
                 q = common.true_quantiles(a, b, args.alpha)
-                lam = fnd.lambdas.detach().float().cpu().expand(n)
+                lam = lam.float().cpu().expand(n)
                 key = f"{name} λ_i" if method == "glofnd" else f"{name} shared λ"
                 lambdas[key] = (lam, q)
                 errs.append(float((lam - q).abs().median()))
@@ -201,13 +231,23 @@ def make_train_one(args, data: common.ImageData):
 
 def main(argv=None):
     args = parse_args(argv)
-    data = common.load_data(args)
-    print(f"{data.name} image-caption pairs: {len(data.train_y)} training and "
-          f"{len(data.test_y)} held-out, {len(TEMPLATES)} templates × {len(ADJECTIVES)} "
-          f"adjectives per class; glofnd {glofnd.implementation}; device {args.device}")
-    title = f"{'CLIP' if args.base == 'clip' else 'SogCLR (bimodal)'} on {data.name} captions"
-    return common.run_methods(args, make_train_one(args, data),
-                              ("zero_shot_top1", "i2t_r1", "t2i_r1"), title)
+    ok = False
+    try:
+        common.init_distributed(args)
+        data = common.load_data(args)
+        if common.is_main(args):
+            print(f"{data.name} image-caption pairs: {len(data.train_y)} training and "
+                  f"{len(data.test_y)} held-out, {len(TEMPLATES)} templates × {len(ADJECTIVES)} "
+                  f"adjectives per class; glofnd {glofnd.implementation}; device {args.device}"
+                  + (f", {args.world_size} processes" if args.distributed else ""))
+        title = (f"{'CLIP' if args.base == 'clip' else 'SogCLR (bimodal)'} on {data.name} "
+                 "captions")
+        results = common.run_methods(args, make_train_one(args, data),
+                                     ("zero_shot_top1", "i2t_r1", "t2i_r1"), title)
+        ok = True
+        return results
+    finally:
+        common.finish_distributed(args, ok)
 
 
 if __name__ == "__main__":

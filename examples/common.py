@@ -7,6 +7,10 @@ tables (Markdown and CSV) and plots (PNG, matplotlib's Agg backend).
 
 Nothing here depends on a particular loss: an example passes a ``train_one(method, seed)``
 function to :func:`run_methods`, which runs every method on every seed and writes the results.
+
+Multi-process training (``--distributed``, under ``torchrun``): :func:`init_distributed` sets up
+the process group and the device, :class:`GlobalBatches` splits each epoch among the processes,
+:func:`wrap_ddp` wraps the encoders, and only rank 0 evaluates and writes (:func:`is_main`).
 """
 from __future__ import annotations
 
@@ -81,8 +85,19 @@ def base_parser(description: str, epochs: int, alpha: float, out: str) -> argpar
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # Multi-process training adds its options here (a --world-size flag and the process-group
-    # settings); each example's build_loss(...) is the one place that passes them to the loss.
+    # Multi-process training; each example's build_loss(...) passes them to the loss
+    # (through loss_options(args)).
+    p.add_argument("--distributed", action="store_true",
+                   help="train on several processes: run under torchrun --nproc-per-node K "
+                        "(one process per GPU with --device cuda, gloo on the CPU otherwise); "
+                        "--batch-size is the global batch, split among the processes; "
+                        "without torchrun it runs as one process")
+    p.add_argument("--shard-state", action="store_true",
+                   help="with --distributed: shard λ (and SogCLR's u) over the processes "
+                        "(sample i on rank i %% K) instead of replicating them")
+    p.add_argument("--save-state", default=None, metavar="DIR",
+                   help="save the loss's state_dict and the model's parameters after each run "
+                        "to DIR/<method>_seed<seed>_rank<rank>.pt (every process its own file)")
     return p
 
 
@@ -102,8 +117,108 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.threads < 1:
             raise SystemExit("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.shard_state and not args.distributed:
+        raise SystemExit("--shard-state needs --distributed")
     args.device = resolve_device(args.device)
+    args.rank, args.world_size, args.local_rank = 0, 1, 0
     return args
+
+
+# ------------------------------------------------------------------------- multi-process runs
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """With ``--distributed``: joins the process group that torchrun describes in the
+    environment (:func:`glofnd.distributed.init_from_env`; nccl for ``--device cuda``, whose
+    index becomes LOCAL_RANK, gloo for the CPU) and sets ``args.rank``, ``args.world_size``,
+    ``args.local_rank``. Without torchrun, or without the flag, one process: (0, 1, 0)."""
+    if not args.distributed:
+        return
+    import glofnd.distributed
+    cuda = args.device.type == "cuda"
+    args.rank, args.world_size, args.local_rank = glofnd.distributed.init_from_env(
+        "nccl" if cuda else "gloo")
+    if cuda:
+        args.device = torch.device("cuda", args.local_rank)
+        torch.cuda.set_device(args.device)
+    if args.batch_size % args.world_size:
+        raise SystemExit(f"--batch-size {args.batch_size} (the global batch) must be a multiple "
+                         f"of the number of processes, {args.world_size}")
+
+
+def multi_process() -> bool:
+    """Whether a process group of more than one process is running."""
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main(args: argparse.Namespace) -> bool:
+    """Rank 0, the process that evaluates, prints and writes (the only one without
+    ``--distributed``)."""
+    return args.rank == 0
+
+
+def barrier(args: argparse.Namespace) -> None:
+    """Waits for every process (nothing to do with one process)."""
+    if multi_process():
+        import torch.distributed as dist
+        dist.barrier(device_ids=[args.local_rank] if args.device.type == "cuda" else None)
+
+
+def finish_distributed(args: argparse.Namespace, ok: bool = True) -> None:
+    """Waits for every process (after a normal end) and leaves the process group."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        if ok:
+            barrier(args)
+        dist.destroy_process_group()
+
+
+def loss_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments a loss takes for ``--distributed``: features gathered from every
+    process (negatives of the global batch) and one state for all processes, replicated or
+    sharded (``--shard-state``). Empty without ``--distributed``."""
+    if not args.distributed:
+        return {}
+    return {"gather_distributed": True, "distributed": "sharded" if args.shard_state else True}
+
+
+def wrap_ddp(module: nn.Module, args: argparse.Namespace,
+             find_unused_parameters: bool = False) -> nn.Module:
+    """``module`` in DistributedDataParallel when several processes run, else as is. (The loss
+    stays outside: DDP's buffer broadcast would overwrite its state.) ``find_unused_parameters``
+    for a module with parameters that get no gradient."""
+    if not multi_process():
+        return module
+    ids = [args.local_rank] if args.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids,
+                                               find_unused_parameters=find_unused_parameters)
+
+
+def full_lambdas(fnd) -> Optional[Tensor]:
+    """The whole λ (N,) of a GloFND, gathered from the shards when sharded (collective: every
+    process calls it); None for None."""
+    if fnd is None:
+        return None
+    if getattr(fnd, "distributed", None) == "sharded":
+        import glofnd.distributed
+        return glofnd.distributed.gather_full_state(fnd)["lambdas"]
+    return fnd.lambdas.detach().clone()
+
+
+def save_state(args: argparse.Namespace, method: str, seed: int, loss_fn: nn.Module,
+               model: nn.Module) -> None:
+    """With ``--save-state DIR``: this process's ``{"loss": loss_fn.state_dict(), "parameters":
+    {name: tensor} of model}`` (CPU tensors) to DIR/<method>_seed<seed>_rank<rank>.pt. In a
+    multi-process run every rank's file holds the same tensors (a replicated state; DDP keeps
+    the parameters equal), except a sharded state, of which each file holds its rank's shard."""
+    if args.save_state is None:
+        return
+    os.makedirs(args.save_state, exist_ok=True)
+    state = {"loss": {k: v.detach().cpu() if isinstance(v, Tensor) else v
+                      for k, v in loss_fn.state_dict().items()},
+             "parameters": {k: v.detach().cpu() for k, v in model.named_parameters()}}
+    torch.save(state, os.path.join(args.save_state, f"{method}_seed{seed}_rank{args.rank}.pt"))
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -209,14 +324,65 @@ def load_data(args: argparse.Namespace) -> ImageData:
     """The data set named by ``--dataset`` (see :func:`base_parser`)."""
     if args.dataset == "digits":
         return load_digits_data(args.subset)
-    return load_torchvision_data(args.dataset, args.data_root, args.download, args.image_size,
+    first = args.download and not is_main(args)  # several processes: rank 0 downloads first
+    if first:
+        barrier(args)
+    data = load_torchvision_data(args.dataset, args.data_root, args.download, args.image_size,
                                  args.subset)
+    if args.download and is_main(args):
+        barrier(args)
+    return data
 
 
 def batches(n: int, batch_size: int, generator: Optional[torch.Generator] = None):
     """Shuffled index batches covering all n samples once (the last one may be smaller, so that
     every sample's λ is visited every epoch)."""
     return torch.randperm(n, generator=generator).split(batch_size)
+
+
+class GlobalBatches:
+    """The batches of a multi-process run, as ``DistributedSampler(shuffle=True,
+    drop_last=True)`` gives them, the same for any number of processes.
+
+    Epoch e shuffles the n indices with a generator seeded ``seed·2^32 + e`` (the same
+    permutation on every process; DistributedSampler seeds ``seed + e``, which would give seed
+    s + 1 the permutations of seed s one epoch later), cuts it into n // batch_size global batches of ``batch_size`` (the last
+    incomplete one is dropped, on every process alike) and each process takes its contiguous
+    slice: rank r of W holds rows [r·b, (r+1)·b) of each batch, b = batch_size // W. Gathered in
+    rank order, the slices are the global batch in its order.
+
+    ``epoch(e)`` -> the global batches (list of (batch_size,) int64); ``local(t)`` -> this
+    process's rows of a tensor aligned with a global batch; ``len()`` -> steps per epoch.
+
+    Example::
+
+        >>> gb = GlobalBatches(10, 4, seed=0, rank=1, world_size=2)
+        >>> [gb.local(idx).shape[0] for idx in gb.epoch(0)]
+        [2, 2]
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"batch_size ({batch_size}) must be a multiple of world_size "
+                             f"({world_size})")
+        if n < batch_size:
+            raise ValueError(f"the {n} training samples do not fill one global batch of "
+                             f"{batch_size}; lower --batch-size")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.per_process = batch_size // world_size
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size
+
+    def epoch(self, epoch: int) -> list:
+        g = torch.Generator().manual_seed(self.seed * 2**32 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        return list(perm[:len(self) * self.batch_size].split(self.batch_size))
+
+    def local(self, t: Tensor) -> Tensor:
+        start = self.rank * self.per_process
+        return t[start:start + self.per_process]
 
 
 # ------------------------------------------------------------------------------- augmentations
@@ -441,26 +607,30 @@ def true_quantiles(anchors: Tensor, columns, alpha: float, rows: Optional[Tensor
 
 def train_epochs(params, loss_fn: nn.Module, step: Callable[[Tensor], Tensor], n: int,
                  epochs: int, batch_size: int, lr: float, desc: str,
-                 progress: bool = True, on_epoch: Optional[Callable[[int], None]] = None) -> list:
+                 progress: bool = True, on_epoch: Optional[Callable[[int], None]] = None,
+                 sampler: Optional[GlobalBatches] = None) -> list:
     """The shared loop: Adam with a cosine learning-rate schedule, one pass over a shuffled
     permutation of the n training indices per epoch, ``loss_fn.set_epoch(epoch)`` at the start of
-    each epoch, and ``step(index_batch) -> loss`` for each batch.
+    each epoch, and ``step(index_batch) -> loss`` for each batch. With a ``sampler``
+    (:class:`GlobalBatches`, multi-process runs) ``step`` gets each global batch of
+    ``sampler.epoch(epoch)`` and takes its own rows.
 
     Returns one dict per epoch: the mean of ``loss_fn.last_stats`` over the epoch's steps (the
-    loss's diagnostics, e.g. false-negative precision and recall) and the mean loss.
+    loss's diagnostics, e.g. false-negative precision and recall) and the mean loss; with
+    several processes, the mean over the steps of all processes.
     """
     from tqdm import tqdm
     opt = torch.optim.Adam(params, lr=lr, weight_decay=1e-6)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     history = []
-    steps_per_epoch = math.ceil(n / batch_size)
+    steps_per_epoch = math.ceil(n / batch_size) if sampler is None else len(sampler)
     bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False,
                dynamic_ncols=True, file=sys.stderr)
     for epoch in range(epochs):
         if hasattr(loss_fn, "set_epoch"):
             loss_fn.set_epoch(epoch)
         sums, counts = {}, {}
-        for idx in batches(n, batch_size):
+        for idx in batches(n, batch_size) if sampler is None else sampler.epoch(epoch):
             loss = step(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -475,11 +645,26 @@ def train_epochs(params, loss_fn: nn.Module, step: Callable[[Tensor], Tensor], n
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{stats['loss']:.3f}")
         sched.step()
+        if multi_process():
+            sums, counts = _merge_stats(sums, counts)
         history.append({"epoch": epoch + 1, **{k: sums[k] / counts[k] for k in sums}})
         if on_epoch is not None:
             on_epoch(epoch)
     bar.close()
     return history
+
+
+def _merge_stats(sums: dict, counts: dict) -> tuple[dict, dict]:
+    """Sums and counts of the per-step statistics added over all processes (collective)."""
+    import torch.distributed as dist
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (sums, counts))
+    total, number = {}, {}
+    for s, c in parts:
+        for k in s:
+            total[k] = total.get(k, 0.0) + s[k]
+            number[k] = number.get(k, 0) + c[k]
+    return total, number
 
 
 # ------------------------------------------------------------------------- running all methods
@@ -499,8 +684,14 @@ def run_methods(args: argparse.Namespace, train_one: Callable[[str, int], RunRes
                 accuracy_keys: Sequence[str], title: str) -> dict:
     """Runs ``train_one(method, seed)`` for every method and seed (same seeds for all methods),
     prints the table and writes to ``args.out``: results.md, results.csv, history.csv,
-    results.json, accuracy.png, false_negatives.png and lambda_vs_quantile.png."""
-    os.makedirs(args.out, exist_ok=True)
+    results.json, accuracy.png, false_negatives.png and lambda_vs_quantile.png.
+
+    With several processes every process trains every run and only rank 0 (whose
+    ``train_one`` returns the result; the others return None) prints and writes; the
+    processes wait for each other after each run. Returns {} on the other ranks."""
+    main = is_main(args)
+    if main:
+        os.makedirs(args.out, exist_ok=True)
     results = {m: [] for m in args.methods}
     t0 = time.time()
     for method in args.methods:
@@ -508,12 +699,17 @@ def run_methods(args: argparse.Namespace, train_one: Callable[[str, int], RunRes
             seed_everything(seed)
             t = time.time()
             run = train_one(method, seed)
+            barrier(args)
+            if not main:
+                continue
             results[method].append(run)
             last = run.history[-1] if run.history else {}
             figures = [f"{COLUMN_NAMES.get(k, k)} {run.metrics[k]:.1f}" for k in accuracy_keys]
             figures += [f"{COLUMN_NAMES[k]} {100 * last[k]:.1f}" for k in FN_KEYS if k in last]
             print(f"{method:>6} seed {seed}: " + ", ".join(figures) + f" ({time.time() - t:.0f} s)",
                   flush=True)
+    if not main:
+        return {}
     elapsed = time.time() - t0
     table = summarise(results, accuracy_keys)
     settings = settings_line(args, elapsed)
@@ -531,6 +727,10 @@ def settings_line(args: argparse.Namespace, elapsed: float) -> str:
     seeds = " ".join(map(str, args.seeds))
     n = "all" if args.subset is None else str(args.subset)
     extra = f", base {args.base}" if hasattr(args, "base") else ""
+    if args.distributed:  # the single-process line stays as it was
+        layout = "sharded" if args.shard_state else "replicated"
+        extra = (f" ({args.world_size} processes × {args.batch_size // args.world_size}, "
+                 f"{layout} state){extra}")
     return (f"{args.dataset} ({n} samples), {args.epochs} epochs, batch {args.batch_size}"
             f"{extra}, α={args.alpha}, lr_λ={args.lr_lambda}, λ learned and applied from epoch "
             f"{args.start_epoch + 1}, "

@@ -15,6 +15,11 @@ for imagefolder DIR holds one sub-folder per class):
 
     python examples/simclr.py --dataset cifar10 --download --epochs 200 --device cuda
 
+``--distributed`` trains on several processes, one per GPU (or on the CPU with gloo), started by
+torchrun; ``--batch-size`` stays the global batch and the negatives come from all processes:
+
+    torchrun --nproc-per-node 4 examples/simclr.py --distributed --device cuda --dataset cifar10
+
 Writes to ``--out``: results.md / results.csv (one row per method), history.csv (per epoch),
 accuracy.png, false_negatives.png, lambda_vs_quantile.png.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 import torch
 from torch import nn
@@ -42,11 +48,13 @@ def parse_args(argv=None):
 
 
 def build_loss(args, method: str, num_samples: int) -> nn.Module:
-    """The loss of one run. This is the one place where the loss is configured: a multi-process
-    run passes its world size (and gathers negatives across processes) here."""
+    """The loss of one run. This is the one place where the loss is configured; with
+    ``--distributed`` it gathers the negatives of all processes and shares one state among
+    them (replicated, or sharded with ``--shard-state``)."""
     return glofnd.GloFNDLoss(num_samples, temperature=args.temperature, alpha=args.alpha,
                              lr=args.lr_lambda, base=args.base, method=method, gamma=args.gamma,
-                             start_update=args.start_epoch, start_mask=args.start_epoch)
+                             start_update=args.start_epoch, start_mask=args.start_epoch,
+                             **common.loss_options(args))
 
 
 def make_train_one(args, data: common.ImageData):
@@ -55,21 +63,34 @@ def make_train_one(args, data: common.ImageData):
     x, y = data.train_x.to(device), data.train_y.to(device)
     n = len(y)
 
-    def train_one(method: str, seed: int) -> common.RunResult:
+    def train_one(method: str, seed: int) -> Optional[common.RunResult]:
         encoder = common.image_encoder(data)
         model = nn.Sequential(encoder, common.projection_head(encoder.dim)).to(device)
-        loss_fn = build_loss(args, method, n).to(device)
+        loss_fn = build_loss(args, method, n).to(device)  # outside DDP: DDP must not sync it
+        sampler = None
+        if args.distributed:
+            sampler = common.GlobalBatches(n, args.batch_size, seed, args.rank, args.world_size)
+        net = common.wrap_ddp(model, args)
 
         def step(idx):
             idx = idx.to(device)
             xb = x[idx]
-            z0, z1 = model(torch.cat([augment(xb), augment(xb)])).chunk(2)
+            v0, v1 = augment(xb), augment(xb)
+            if sampler is not None:  # views of the whole global batch, the same on every
+                v0, v1, idx = (sampler.local(t) for t in (v0, v1, idx))  # process: keep ours
+            z0, z1 = net(torch.cat([v0, v1])).chunk(2)
             return loss_fn(z0, z1, idx, labels=y[idx])
 
         model.train()
-        history = common.train_epochs(model.parameters(), loss_fn, step, n, args.epochs,
+        history = common.train_epochs(net.parameters(), loss_fn, step, n, args.epochs,
                                       args.batch_size, args.lr, f"{method} seed {seed}",
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress and common.is_main(args),
+                                      sampler=sampler)
+        fnd = getattr(loss_fn, "fnd", None)  # GloFND state: (N,) for glofnd, (1,) for single
+        lam_final = common.full_lambdas(fnd)  # collective when sharded
+        common.save_state(args, method, seed, loss_fn, model)
+        if not common.is_main(args):
+            return None
         model.eval()
         f_train = common.embed(encoder, data.train_x, device)
         f_test = common.embed(encoder, data.test_x, device)
@@ -78,7 +99,6 @@ def make_train_one(args, data: common.ImageData):
             "linear_top1": common.linear_probe_top1(f_train, data.train_y, f_test, data.test_y),
         }
         lambdas = {}
-        fnd = getattr(loss_fn, "fnd", None)  # GloFND state: (N,) for glofnd, (1,) for single
         if fnd is not None and args.start_epoch < args.epochs:
             # The value λ estimates, from the final model over the whole training set: each
             # sample's (1−α)-quantile of its cosines to all other samples, each seen, as in
@@ -89,7 +109,7 @@ def make_train_one(args, data: common.ImageData):
                           for _ in range(2))
             rows = torch.randperm(n)[:5000].sort().values if n > 5000 else None
             q = common.true_quantiles(za, [zb, za], args.alpha, rows=rows)
-            lam = fnd.lambdas.detach().float().cpu().expand(n)
+            lam = lam_final.float().cpu().expand(n)
             lam = lam if rows is None else lam[rows]
             lambdas["λ_i" if method == "glofnd" else "shared λ"] = (lam, q)
             metrics["lambda_err"] = float((lam - q).abs().median())
@@ -100,14 +120,23 @@ def make_train_one(args, data: common.ImageData):
 
 def main(argv=None):
     args = parse_args(argv)
-    data = common.load_data(args)
-    print(f"{data.name}: {len(data.train_y)} training and {len(data.test_y)} held-out images "
-          f"{tuple(data.train_x.shape[1:])}, {data.num_classes} classes; glofnd "
-          f"{glofnd.implementation}; device {args.device}")
-    title = f"{args.base.upper() if args.base == 'simclr' else 'SogCLR'} on {data.name}"
-    title = title.replace("SIMCLR", "SimCLR")
-    return common.run_methods(args, make_train_one(args, data), ("knn_top1", "linear_top1"),
-                              title)
+    ok = False
+    try:
+        common.init_distributed(args)
+        data = common.load_data(args)
+        if common.is_main(args):
+            print(f"{data.name}: {len(data.train_y)} training and {len(data.test_y)} held-out "
+                  f"images {tuple(data.train_x.shape[1:])}, {data.num_classes} classes; glofnd "
+                  f"{glofnd.implementation}; device {args.device}"
+                  + (f", {args.world_size} processes" if args.distributed else ""))
+        title = f"{args.base.upper() if args.base == 'simclr' else 'SogCLR'} on {data.name}"
+        title = title.replace("SIMCLR", "SimCLR")
+        results = common.run_methods(args, make_train_one(args, data),
+                                     ("knn_top1", "linear_top1"), title)
+        ok = True
+        return results
+    finally:
+        common.finish_distributed(args, ok)
 
 
 if __name__ == "__main__":
