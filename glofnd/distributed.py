@@ -92,10 +92,11 @@ def init_from_env(backend: Optional[str] = None, timeout=None) -> tuple[int, int
     ``(0, 1, 0)`` is returned, so a script runs unchanged as one process. The backend defaults to
     ``"nccl"`` when CUDA is available (and the process's GPU is set to ``LOCAL_RANK``), else
     ``"gloo"``; ``timeout`` (a ``datetime.timedelta``) bounds each collective. Returns
-    ``(rank, world_size, local_rank)``. An example's ``--distributed`` flag calls it, builds its
-    loss with ``gather_distributed=True`` outside the DDP-wrapped model, wraps the model with
-    DDP, uses a ``DistributedSampler`` (``drop_last=True``: equal batches on every process)
-    with a per-process batch size, and saves checkpoints from rank 0 only (replicated state).
+    ``(rank, world_size, local_rank)``. A training script then builds its loss with
+    ``gather_distributed=True`` outside the DDP-wrapped model, gives every process an equal
+    share of each global batch (a ``DistributedSampler`` with ``drop_last=True``, or the
+    examples' ``GlobalBatches``), and saves a replicated state from rank 0 only (a sharded
+    state from every rank); see ``examples/simclr.py --distributed``.
 
     Example::
 
