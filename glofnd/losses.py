@@ -143,6 +143,7 @@ class _Detector(nn.Module):
         self._masked = False
         self._pending: list[tuple] = []
         self._stats: Optional[dict[str, float]] = {}
+        self._log_k_cache: Optional[tuple] = None
         self.gather_distributed = bool(gather_distributed)
         if distributed is None:
             distributed = "replicated" if self.gather_distributed else False
@@ -230,9 +231,13 @@ class _Detector(nn.Module):
     def _finish_stats(self) -> dict[str, float]:
         stats = {"masking": float(self._masked)}
         for prefix, n_valid, n_removed, n_flagged, thr, rows in self._pending:
-            n = n_valid.clamp(min=1).double()
-            stats[prefix + "removed"] = 0.0 if n_removed is None else float(n_removed.double() / n)
-            stats[prefix + "flagged"] = 0.0 if n_flagged is None else float(n_flagged.double() / n)
+            # exact integers, then one correctly rounded division: the bytes of the float64
+            # tensor division it replaces
+            n = max(int(n_valid), 1)
+            n_removed, n_flagged = (x if x is None or x.dim() == 0 else int(n_valid) - int(x.sum())
+                                    for x in (n_removed, n_flagged))
+            stats[prefix + "removed"] = 0.0 if n_removed is None else int(n_removed) / n
+            stats[prefix + "flagged"] = 0.0 if n_flagged is None else int(n_flagged) / n
             if thr is not None:
                 thr = thr.double()
                 stats[prefix + "lambda_mean"] = float(thr.nanmean())
@@ -242,6 +247,16 @@ class _Detector(nn.Module):
                 for k, v in Fn.scores_from_counts(*rows).items():
                     stats[prefix + k] = float(v)
         return stats
+
+    def _log_k(self, like: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+        """(R,) log K in ``dtype``, the numerator of the count ratio: the same for every step of
+        one batch size, so the last one is kept (computed as an (R,) tensor, as before, so that
+        its bytes do not depend on the caching)."""
+        key = (like.shape[0], k, dtype, like.device)
+        if self._log_k_cache is None or self._log_k_cache[0] != key:
+            full = torch.full_like(like, k)
+            self._log_k_cache = (key, torch.log(full.clamp(min=1).to(dtype)))
+        return self._log_k_cache[1]
 
     def _start_stats(self, masked: bool) -> None:
         self._masked = masked
@@ -277,33 +292,32 @@ class _Detector(nn.Module):
             flagged, thr = Fn.label_mask(row_labels, col_labels, valid), None
         return (flagged if mask_on else None), flagged, thr
 
-    def _kept(self, prefix: str, valid: Tensor, removed: Optional[Tensor],
+    def _kept(self, prefix: str, valid: Tensor, per_row: int, removed: Optional[Tensor],
               flagged: Optional[Tensor], thr: Optional[Tensor], truth: Optional[Tensor],
               ratio_dtype: Optional[torch.dtype] = None
               ) -> tuple[Tensor, Optional[Tensor], tuple]:
         """One block of rows: records its diagnostics and returns ``(keep, log_ratio, entry)``.
 
+        ``valid`` (R, M) has ``per_row`` True entries in every row (K: the losses build it so).
         keep (R, M) bool: the kept negatives, ``valid & ~removed`` (``valid`` itself when nothing
         is removed), built in place in the memory of ``removed``, which the callers do not use
         afterwards (it is the mask the method produced for this call: the flagged one too);
-        log_ratio (R,) log(K_r/|M_r|) in ``ratio_dtype`` when given and something is removed,
-        else None; entry the diagnostics kept for :attr:`last_stats` (read by :meth:`_finish_stats`).
-        Every method flags valid entries only (removed ⊆ valid), so the removed count is the
-        valid count less the kept count.
+        log_ratio (R,) log(K/|M_r|) in ``ratio_dtype`` when given and something is removed,
+        else None; entry the diagnostics kept for :attr:`last_stats` (read by
+        :meth:`_finish_stats`). Every method flags valid entries only (removed ⊆ valid), so the
+        removed count is the valid count less the kept count: the entry holds the kept count of
+        each row (an (R,) tensor) in place of the removed count, and last_stats subtracts.
         """
         rows = None if truth is None or flagged is None else Fn.score_counts(flagged, truth)
         n_flagged = None if flagged is None or flagged is removed else Fn.count(flagged)
+        n_valid = valid.shape[0] * per_row
         keep, log_ratio, n_removed = valid, None, None
-        if removed is None:
-            n_valid = Fn.count(valid)
-        else:
-            k = Fn.count(valid, 1)
-            keep = removed.logical_not_().logical_and_(valid)
-            m = Fn.count(keep, 1)
-            n_valid = k.sum()
-            n_removed = n_valid - m.sum()
+        if removed is not None:
+            keep = torch.gt(valid, removed, out=removed)  # valid & ~removed, one pass
+            n_removed = m = Fn.count(keep, 1)  # the kept per row; last_stats takes the rest
             if ratio_dtype is not None:
-                log_ratio = Fn.log_count_ratio(k, m, ratio_dtype)
+                log_ratio = self._log_k(m, per_row, ratio_dtype) - torch.log(
+                    m.clamp(min=1).to(ratio_dtype))
         if flagged is removed:
             n_flagged = n_removed
         entry = (prefix, n_valid, n_removed, n_flagged, None if thr is None else thr.detach(),
@@ -518,7 +532,7 @@ class GloFNDLoss(_Detector):
         self._start_stats(removed is not None)
         truth = None if lab is None else Fn.label_mask(lab, col_lab, valid)
         simclr = self.base == "simclr"
-        keep, log_ratio, _ = self._kept("", valid, removed, flagged, thr, truth,
+        keep, log_ratio, _ = self._kept("", valid, 2 * total - 2, removed, flagged, thr, truth,
                                         sim.dtype if simclr else None)
         del removed, flagged  # keep may live in their memory
         if simclr:
@@ -655,8 +669,8 @@ class GloFNDClipLoss(_Detector):
             # read of columns costs more than this copy (3-4x the step at B = 256 and 1024)
             removed, flagged, thr = self._detect(fnd, s.detach().contiguous(), index, valid,
                                                  labels, all_labels)
-            keep, log_ratio, entry = self._kept(name + "_", valid, removed, flagged, thr, truth,
-                                                s.dtype if clip else None)
+            keep, log_ratio, entry = self._kept(name + "_", valid, total - 1, removed, flagged,
+                                                thr, truth, s.dtype if clip else None)
             entries.append(entry)
             del removed, flagged
             if clip:
@@ -671,8 +685,14 @@ class GloFNDClipLoss(_Detector):
         # both directions as one block of 2B rows: the counts add up, the per-row score counts
         # are concatenated (the same rows, in the same order, as the two masks concatenated)
         (_, v0, r0, f0, _, s0), (_, v1, r1, f1, _, s1) = entries
-        self._pending.append(("", v0 + v1, None if r0 is None else r0 + r1,
-                              None if f0 is None else f0 + f1, None,
+
+        def join(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+            if a is None:
+                return None
+            return a + b if a.dim() == 0 else torch.cat([a, b])  # counts, or kept per row
+        removed = join(r0, r1)
+        flagged = removed if f0 is r0 and f1 is r1 else join(f0, f1)
+        self._pending.append(("", v0 + v1, removed, flagged, None,
                               None if s0 is None else tuple(torch.cat(x) for x in zip(s0, s1))))
         return (terms[0] + terms[1]) / 2
 
