@@ -225,7 +225,8 @@ def section_a(cfg) -> list[str]:
         f"tensors (C kernel through the torch op), `glofnd._C.step` on NumPy arrays (the kernel "
         f"with the binding only), the eager PyTorch baseline `benchmarks/eager_baseline.py` "
         f"(gather, compare, count, Adam, clamp, scatter, compare), `torch.compile` of that "
-        f"baseline, and glofnd's pure-torch reference path (`glofnd.use_backend('reference')`). Each variant "
+        f"baseline, and glofnd's pure-torch reference path "
+        f"(`glofnd.use_backend('reference')`). Each variant "
         f"keeps its own state, updated on every call. Speed-up = eager median / variant median. "
         f"With 1 thread, the CPU time of the calling thread is given too: it leaves out the time "
         f"spent waiting for a core on this shared machine.",
@@ -534,8 +535,8 @@ def section_c(cfg) -> list[str]:
     return lines
 
 
-LOSS_NOTES = """Where the overhead goes (1 thread; torch.profiler, timers around the calls inside the \
-loss step, and the same calls timed alone):
+LOSS_NOTES = """Where the overhead goes (1 thread; torch.profiler, timers around the calls \
+inside the loss step, and the same calls timed alone):
 
 - The threshold step itself. Inside the loss step it costs 2-4x what the same call costs in a \
 tight loop (512 x 512 with the loss's mask: 45 µs for `_C.step` and 67 µs for `GloFND.step` in \
@@ -671,8 +672,8 @@ def section_e(cfg) -> list[str]:
         f"The memory one loss step (forward and backward, as in section c, on {dev}) needs "
         f"above what is held before it, for `method='glofnd'` and `method='none'`; "
         f"extra = glofnd − none. The target compares the extra with the mask itself: R x M "
-        f"bytes, one bool per similarity ((2B)² for simclr/sogclr, B² per direction for CLIP, "
-        f"whose two directions are masked one after the other).",
+        f"bytes, one bool per similarity: (2B)² for simclr/sogclr; for CLIP the two B x B masks, "
+        f"one per direction, both alive in the backward.",
         "",
     ]
     if cuda:
@@ -723,7 +724,8 @@ def section_e(cfg) -> list[str]:
                 verdicts.append((base, b, extra, mask))
             print(f"  e: {base} B={b} done", file=sys.stderr)
     lines += table(["loss", "B", "R x M", "masks MiB", "none MiB", "glofnd MiB",
-                    "extra MiB (÷ mask)", "torch allocator only: none / glofnd MiB (extra ÷ mask)"],
+                    "extra MiB (÷ mask)",
+                    "torch allocator only: none / glofnd MiB (extra ÷ mask)"],
                    rows)
     lines.append("")
     for base, b, extra, mask in verdicts:
