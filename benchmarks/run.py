@@ -4,6 +4,7 @@
     python benchmarks/run.py                 # every section (~3 min on 2 cores)
     python benchmarks/run.py --quick         # fewer sizes and repeats, no torch.compile (~20 s)
     python benchmarks/run.py --only a,d      # some sections; the others in the file are kept
+    python benchmarks/run.py --only c,e --device cuda   # the losses on a GPU (not written here)
 
 Method: the variants of one table run interleaved, one after another inside each repeat (the
 order rotates between repeats), so that a change of machine load affects all of them alike;
@@ -11,18 +12,22 @@ each figure is the median over repeats of the mean time per call over a short in
 the 25th-75th percentile range beside it; every ratio compares medians of the same run.
 
 Sections live in a registry (``SECTIONS``, filled by ``@section``); a new one is a function
-returning Markdown lines. Present: a (threshold step against eager PyTorch), b (against the
-time to read the similarity matrix once), d (against the data-set size N). Planned: c and e,
-which need the losses.
+returning Markdown lines: a (threshold step against eager PyTorch), b (against the time to
+read the similarity matrix once), c (the whole loss step with GloFND against the same loss
+with nothing masked), d (the threshold step against the data-set size N), e (peak memory of
+the loss step with and without GloFND, each measured in a child process of this script).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import json
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -37,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import glofnd  # noqa: E402
-from glofnd import _ops, numpy_api, reference  # noqa: E402
+from glofnd import GloFNDClipLoss, GloFNDLoss, _ops, numpy_api, reference  # noqa: E402
 from eager_baseline import eager_threshold_step  # noqa: E402
 
 try:
@@ -220,7 +225,8 @@ def section_a(cfg) -> list[str]:
         f"tensors (C kernel through the torch op), `glofnd._C.step` on NumPy arrays (the kernel "
         f"with the binding only), the eager PyTorch baseline `benchmarks/eager_baseline.py` "
         f"(gather, compare, count, Adam, clamp, scatter, compare), `torch.compile` of that "
-        f"baseline, and glofnd's pure-torch reference path (`_ops._backend = "reference"`). Each variant "
+        f"baseline, and glofnd's pure-torch reference path "
+        f"(`glofnd.use_backend('reference')`). Each variant "
         f"keeps its own state, updated on every call. Speed-up = eager median / variant median. "
         f"With 1 thread, the CPU time of the calling thread is given too: it leaves out the time "
         f"spent waiting for a core on this shared machine.",
@@ -402,6 +408,349 @@ def section_d(cfg) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------ the losses
+
+LOSSES = ("simclr", "sogclr", "clip")  # GloFNDLoss(base=...), GloFNDClipLoss(base="clip")
+FEATURES = 128
+NOISE = 1.5  # second view = first + NOISE x N(0, 1): positives at cosine ~0.55
+
+
+def make_loss(base: str, method: str, n: int):
+    if base == "clip":
+        return GloFNDClipLoss(n, method=method, base="clip")
+    return GloFNDLoss(n, method=method, base=base)
+
+
+def loss_case(base: str, b: int, n: int, device: str, seed: int = 0):
+    """Inputs of one loss step: two (B, 128) float32 feature blocks that require grad (the
+    second a noisy copy of the first, so that positives are close), B distinct indices, and
+    the call ``step(loss)``: forward and backward, gradients of the last call dropped."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(b, FEATURES, generator=gen)
+    x1 = x0 + NOISE * torch.randn(b, FEATURES, generator=gen)
+    z0 = x0.to(device).requires_grad_()
+    z1 = x1.to(device).requires_grad_()
+    idx = torch.randperm(n, generator=gen)[:b].to(device)
+    scale = torch.tensor(100.0, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step(loss):
+        z0.grad = z1.grad = None
+        value = loss(z0, z1, scale, idx) if base == "clip" else loss(z0, z1, idx)
+        value.backward()
+        sync()
+        return value
+    return step, (z0, z1, idx)
+
+
+def warm_lambdas(loss, inputs) -> None:
+    """λ of every sample at the (1 − α)-quantile of the batch's negative cosines, so that about
+    α of the negatives are flagged from the first timed step on (as in training once λ has
+    settled; from λ = 1 nothing would be flagged). Each timed call updates λ as usual."""
+    z0, z1 = inputs[0].detach(), inputs[1].detach()
+    a = torch.nn.functional.normalize(z0.float(), dim=1)
+    c = torch.nn.functional.normalize(z1.float(), dim=1)
+    sim = a @ c.T if isinstance(loss, GloFNDClipLoss) else torch.cat([a, c]) @ torch.cat([a, c]).T
+    off = ~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    q = torch.quantile(sim[off].cpu()[:2**24], 1 - loss.alpha).item()
+    for m in loss.modules():
+        if isinstance(m, glofnd.GloFND):
+            m.lambdas.fill_(q)
+
+
+@section("c", "The loss step with GloFND against the same loss with nothing masked")
+def section_c(cfg) -> list[str]:
+    dev = cfg.device
+    cuda = dev.startswith("cuda")
+    n = 100_000
+    sizes = [256] if cfg.quick else [256, 1024]
+    threads = [None] if cuda else cfg.threads
+    lines = [
+        f"One training step of the loss on {dev}: forward and backward from B features per view "
+        f"(D = {FEATURES}, float32, requires_grad), for `GloFNDLoss(base='simclr')`, "
+        f"`GloFNDLoss(base='sogclr')` (sim (2B, 2B)) and `GloFNDClipLoss(base='clip')` "
+        f"(two (B, B) directions), with `method='glofnd'` (N = {n:,}; λ started at the "
+        f"quantile so that about α of the negatives are flagged and removed, and updated on "
+        f"every call) against `method='none'` (the base loss, same code path otherwise). "
+        f"Defaults otherwise (α = 0.01, CLIP α = 0.001, check_index on). The two variants run "
+        f"interleaved. Overhead = glofnd / none − 1, from the medians of the same run; the "
+        f"p25-p75 column is the spread of the per-repeat ratios (each repeat times both "
+        f"variants back to back), i.e. how far one run's figure can be trusted.",
+        "",
+    ]
+    if not cuda:
+        lines += ["With 1 thread the overhead is taken from the CPU time of the calling thread "
+                  "(it leaves out the time the thread waited for a core on this shared "
+                  "machine); the wall-clock figure is beside it. The 2-thread rows are wall "
+                  "clock only and are often unusable here (see the note on OpenMP at the top).",
+                  ""]
+    rows = []
+    verdicts = []
+    for base in LOSSES:
+        for b in sizes:
+            step, inputs = loss_case(base, b, n, dev)
+            losses = {m: make_loss(base, m, n).to(dev) for m in ("glofnd", "none")}
+            warm_lambdas(losses["glofnd"], inputs)
+            for t in threads:
+                if t is not None:
+                    torch.set_num_threads(t)
+                res = measure({m: (lambda f=f: step(f)) for m, f in losses.items()},
+                              cfg.repeats if cfg.quick else 31, cfg.min_time)
+                use_cpu = t == 1
+                k = 1 if use_cpu else 0
+                g, o = med(res["glofnd"][k]), med(res["none"][k])
+                paired = [x / y - 1 for x, y in zip(res["glofnd"][k], res["none"][k])]
+                q = statistics.quantiles(paired, n=4)
+                gw, ow = med(res["glofnd"][0]), med(res["none"][0])
+                stats = losses["glofnd"].last_stats
+                share = stats.get("removed", stats.get("image_removed", float("nan")))
+                over = g / o - 1
+                rows.append([base, b, "-" if t is None else t,
+                             "CPU" if use_cpu else "wall",
+                             f"{us(o)}", f"{us(g)}", f"{100 * over:+.1f}%",
+                             f"{100 * q[0]:+.1f}% to {100 * q[2]:+.1f}%",
+                             f"{us(ow)} / {us(gw)} ({100 * (gw / ow - 1):+.1f}%)"
+                             if use_cpu else "-", f"{100 * share:.2f}%"])
+                if t in (1, None):
+                    verdicts.append((base, b, t, over, q))
+                print(f"  c: {base} B={b} threads={t} done", file=sys.stderr)
+    lines += table(["loss", "B", "threads", "clock", "none µs", "glofnd µs", "overhead",
+                    "per-repeat overhead p25-p75", "wall µs none / glofnd, 1 thread",
+                    "removed (last step)"], rows)
+    lines.append("")
+    for r in rows:
+        if r[2] == 2:
+            twin = [q for q in rows if q[2] == 1 and q[:2] == r[:2]]
+            if twin and float(r[4]) > 5 * float(twin[0][4]):
+                lines.append(f"- {r[0]}, B = {r[1]}, 2 threads" + STALL)
+    for base, b, t, over, q in verdicts:
+        noisy = (f" (noisy: the per-repeat overhead spans {100 * q[0]:+.1f}% to "
+                 f"{100 * q[2]:+.1f}%)" if q[2] - q[0] > 0.10 else "")
+        lines.append(f"- target GloFND adds at most 5% to the loss step, {base}, B = {b}"
+                     f"{'' if t is None else ', 1 thread (CPU time)'}: {100 * over:+.1f}%, "
+                     f"{'met' if over <= 0.05 else 'missed'}{noisy}")
+    if not cuda:
+        for paragraph in LOSS_NOTES:
+            lines += ["", paragraph]
+    return lines
+
+
+LOSS_NOTES = """Where the overhead goes (1 thread; torch.profiler, timers around the calls \
+inside the loss step, and the same calls timed alone):
+
+- The threshold step itself. Inside the loss step it costs 2-4x what the same call costs in a \
+tight loop (512 x 512 with the loss's mask: 45 µs for `_C.step` and 67 µs for `GloFND.step` in \
+a loop, 150-220 µs inside the step): the loss's other passes over R x M arrays evict the \
+similarity matrix, the state lines of the batch's samples and the code of the call from the \
+caches of this shared machine (after a 64 MiB write, the same call takes 150 µs standalone).
+- A fixed cost per call of the Python path: GloFND.step's checks, the torch.library dispatch, \
+the NumPy wrapping, building the kept mask, the count ratio. Measured at B = 8, where it is all \
+there is: 130 µs per step for simclr and sogclr, 210 µs for CLIP (two directions), in the loss \
+(down from 200 and 320 µs). Calling the op's CPU implementation directly instead of through the \
+dispatcher saves another 20 µs per call (measured), but was not done: the dispatcher is what \
+keeps torch.compile, fake tensors and dispatch modes working.
+- `torch.where` with the kept mask: torch's CPU `where`/`masked_fill` kernels branch on every \
+element, so a mask with ~1% scattered removals costs about 20% more than the near-uniform \
+validity mask of `method='none'` (512 x 512: 128 µs against 107 µs; a 50% random mask costs \
+870 µs), once in the forward and once in the backward.
+- One extra pass over the R x M logits: the count ratio log(K/|M_r|) added to the kept ones.
+
+What was taken off the hot path (no result changed: values, gradients, state and diagnostics \
+are byte-identical to before, checked over all methods and bases):
+
+- Counting the masks: a bool `.sum()` copies the whole mask to int64 first (8 bytes per entry, \
+13 ms for 2048 x 2048 on one core); the losses did that up to five times per step. \
+`functional.count` now sums 128-byte uint8 partials (no copy; 0.15 ms), and the valid count K \
+is known from how the losses build the mask.
+- R x M temporaries: `valid & ~removed` (two new masks) is one `gt` written over the method's \
+mask; the count ratio is added in place, outside autograd; `where` takes scalar fills.
+- Diagnostics: `last_stats` keeps counts and thresholds as tensors and computes the shares, \
+means and extremes when it is read (nothing per step beyond the counts).
+- CLIP's combined diagnostics add the two directions' counts instead of concatenating the masks.
+- The text direction's `.contiguous()` copy of the transposed similarity stays: the C kernel \
+reads strided rows, but a column-strided read is slower than the copy (B = 256: 129 µs for \
+the step on the transposed view, 42 µs for copy and step; B = 1024: 3185 µs against 714 µs).
+- Not tried: fusing the masked exponential sums into C with autograd (the overhead left is \
+mostly the threshold step's own cost in a cold cache and per-call fixed costs, not the \
+exponentials).
+
+Before these changes (the same section, 1 thread, on the code of commit 0906d34, run on the \
+same machine the same hour): simclr +31% (B = 256) and +64% (B = 1024), sogclr +13% and +10%, clip \
++34% and +27%.
+
+Synthetic features: the second view is the first plus 1.5 x N(0, 1) noise (positives at cosine \
+~0.55). With much closer positives (cosine ~0.9) and CLIP's logit scale 100, exp(s - max) \
+underflows into float32 subnormals and every variant's step costs ~3x as much (CLIP, B = 256: \
+5 ms instead of 1.6 ms), which would make the overhead ratio look smaller than it is.""".split(
+    "\n\n")
+
+
+def _status_kib() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the peak resident set size (VmHWM) to the current one (Linux 4.0+)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _profiled_peak(fn) -> int:
+    """Peak of the bytes the torch CPU allocator holds during fn(), above the level at its
+    start: the running sum of the profiler's allocation (+) and free (−) events."""
+    from torch.profiler import ProfilerActivity, profile
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+def memory_probe(spec: str) -> None:
+    """Child process of section e: prints JSON {method: {"rss": bytes, "torch": bytes}} for
+    one (base, B, device), each the smallest over a few measured steps."""
+    base, b, dev = spec.split(",")
+    b = int(b)
+    torch.set_num_threads(1)
+    n = 100_000
+    step, inputs = loss_case(base, b, n, dev)
+    losses = {m: make_loss(base, m, n).to(dev) for m in ("glofnd", "none")}
+    warm_lambdas(losses["glofnd"], inputs)
+    for f in losses.values():
+        step(f)
+        step(f)
+    out = {m: {"rss": [], "torch": []} for m in losses}
+    cuda = dev.startswith("cuda")
+    for _ in range(3):
+        for m, f in losses.items():
+            gc.collect()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base_bytes = torch.cuda.memory_allocated()
+                step(f)
+                out[m]["torch"].append(torch.cuda.max_memory_allocated() - base_bytes)
+                continue
+            if _reset_peak_rss():
+                before = _status_kib()["VmRSS"]
+                step(f)
+                out[m]["rss"].append(_status_kib()["VmHWM"] - before)
+            gc.collect()
+            out[m]["torch"].append(_profiled_peak(lambda f=f: step(f)))
+    print(json.dumps({m: {k: min(v) if v else None for k, v in d.items()}
+                      for m, d in out.items()}))
+
+
+def mib(x: float) -> str:
+    return f"{x / 2**20:.2f}"
+
+
+@section("e", "Peak memory of the loss step with and without GloFND")
+def section_e(cfg) -> list[str]:
+    dev = cfg.device
+    cuda = dev.startswith("cuda")
+    sizes = [256] if cfg.quick else [256, 1024]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072",
+               OMP_NUM_THREADS="1")
+    lines = [
+        f"The memory one loss step (forward and backward, as in section c, on {dev}) needs "
+        f"above what is held before it, for `method='glofnd'` and `method='none'`; "
+        f"extra = glofnd − none. The target compares the extra with the mask itself: R x M "
+        f"bytes, one bool per similarity: (2B)² for simclr/sogclr; for CLIP the two B x B masks, "
+        f"one per direction, both alive in the backward.",
+        "",
+    ]
+    if cuda:
+        lines += ["Measured with `torch.cuda.max_memory_allocated()` after "
+                  "`reset_peak_memory_stats()` (the caching allocator's peak of allocated "
+                  "bytes), the smallest of 3 steps.", ""]
+    else:
+        lines += [
+            "Two measures, each the smallest of 3 steps, in a child process per loss and B "
+            "(one thread), both variants in the same process:",
+            "",
+            "- RSS: the rise of the peak resident set size over a step, i.e. VmHWM after the "
+            "step (reset with `/proc/self/clear_refs` before it) − VmRSS before it. It sees "
+            "every allocation, the C kernel's NumPy-allocated mask included. glibc is told to "
+            "serve blocks of 64 KiB and more with mmap and to unmap them when freed "
+            "(`MALLOC_MMAP_THRESHOLD_=65536`, `MALLOC_TRIM_THRESHOLD_=131072`), so that the "
+            "resident size follows the live bytes (to the 4 KiB page).",
+            "- torch: the peak of the running sum of the allocation and free events that "
+            "`torch.profiler.profile(profile_memory=True)` records for the torch CPU allocator. "
+            "Exact to the byte for torch tensors, but blind to memory allocated outside torch: "
+            "the threshold step's mask and counts are allocated by the C extension through "
+            "NumPy and wrapped with `torch.from_numpy`, so this column leaves them out.",
+            "",
+        ]
+    rows = []
+    verdicts = []
+    for base in LOSSES:
+        for b in sizes:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe",
+                                   f"{base},{b},{dev}"], env=env, capture_output=True,
+                                  text=True, check=False)
+            if proc.returncode != 0:
+                lines.append(f"- {base}, B = {b}: the probe failed: "
+                             f"{proc.stderr.strip().splitlines()[-1:]}")
+                continue
+            res = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = m = 2 * b if base != "clip" else b
+            mask = r * m * (2 if base == "clip" else 1)  # CLIP: one mask per direction
+            key = "torch" if cuda else "rss"
+            g, o = res["glofnd"][key], res["none"][key]
+            extra = g - o if g is not None and o is not None else None
+            tg, to = res["glofnd"]["torch"], res["none"]["torch"]
+            rows.append([base, b, f"{r} x {m}", mib(mask),
+                         "-" if o is None else mib(o), "-" if g is None else mib(g),
+                         "-" if extra is None else f"{mib(extra)} ({extra / mask:.2f})",
+                         "-" if cuda else f"{mib(to)} / {mib(tg)} ({(tg - to) / mask:.2f})"])
+            if extra is not None:
+                verdicts.append((base, b, extra, mask))
+            print(f"  e: {base} B={b} done", file=sys.stderr)
+    lines += table(["loss", "B", "R x M", "masks MiB", "none MiB", "glofnd MiB",
+                    "extra MiB (÷ mask)",
+                    "torch allocator only: none / glofnd MiB (extra ÷ mask)"],
+                   rows)
+    lines.append("")
+    for base, b, extra, mask in verdicts:
+        what = "the two masks (2 x B²)" if base == "clip" else "the mask (R x M bytes)"
+        lines.append(f"- target extra memory at most {what}, {base}, B = {b}: "
+                     f"{extra / mask:.2f} x ({mib(extra)} MiB), "
+                     f"{'met' if extra <= mask else 'missed'}")
+    if not cuda:
+        lines += ["", MEMORY_NOTES]
+    return lines
+
+
+MEMORY_NOTES = """What the extra is: the mask the threshold step returns, reused in place as the \
+kept mask, which `torch.where` keeps for the backward (`method='none'` keeps the validity mask \
+it shares with the rest of the step). CLIP has one such mask per direction, both alive in the \
+backward: its extra is the two B x B masks, i.e. 2x one direction's R x M. At B = 256 the masks \
+are 0.06-0.25 MiB and the RSS figure is within the granularity of the heap (allocations under \
+64 KiB come from glibc's heap, which grows and shrinks in steps of 128 KiB and more). Before \
+these changes (same section, code of commit 0906d34): extra = 2.0x the mask for simclr and \
+sogclr at B = 1024 (the keep mask and an R x M float32 temporary from adding the count ratio), \
+8.0 MiB for CLIP at B = 1024 (4x its two masks: the int64 copies of the bool sums and the \
+concatenated masks of the diagnostics); and `method='none'` itself needed 87 MiB instead of 71 \
+for sogclr and 38 MiB instead of 29 for CLIP at B = 1024 (the int64 copies of the bool sums)."""
+
+
 # ----------------------------------------------------------------------------------- output
 
 def machine_info() -> list[str]:
@@ -447,7 +796,10 @@ other processes occupy the cores, a call that asks for 2 threads can wait for a 
 the scheduler (milliseconds) instead of microseconds; `OMP_WAIT_POLICY=passive` or
 `OMP_DYNAMIC=true` avoid most of it. The OpenMP environment of each run is recorded below.
 
-Sections c and e (the losses) are not measured yet.
+Sections c and e (the losses) run on a GPU too: `python benchmarks/run.py --only c,e --device
+cuda` (timings synchronise after each step and are wall clock; memory is the caching allocator's
+peak, `torch.cuda.max_memory_allocated`). No GPU was available for the runs below: the loss step
+on a GPU is not measured here.
 """
 
 
@@ -481,7 +833,18 @@ def main(argv=None) -> None:
                         "docs unless --out is given")
     p.add_argument("--out", help=f"Markdown file to update (default {os.path.relpath(DOC, ROOT)})")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--device", default="cpu",
+                   help="device of the loss sections c and e (default cpu; e.g. cuda). The "
+                        "threshold-step sections a, b, d always run on the CPU")
+    p.add_argument("--threads", default="1,2",
+                   help="comma list of thread counts for the CPU timings (default 1,2)")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_probe:
+        memory_probe(args.memory_probe)
+        return
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        p.error(f"--device {args.device}: only cpu and an available cuda device are supported")
     keys = list(SECTIONS) if not args.only else [k.strip() for k in args.only.split(",")]
     unknown = [k for k in keys if k not in SECTIONS]
     if unknown:
@@ -490,10 +853,11 @@ def main(argv=None) -> None:
     cfg = argparse.Namespace(
         quick=args.quick,
         sizes=[128, 512] if args.quick else [128, 512, 2048],
-        threads=[1, 2],
+        threads=[int(t) for t in args.threads.split(",")],
         repeats=5 if args.quick else 15,
         min_time=0.004 if args.quick else 0.02,
         compile=not args.quick,
+        device=args.device,
         command="python benchmarks/run.py" + ("" if not argv and len(sys.argv) < 2
                                               else " " + " ".join(argv or sys.argv[1:])),
         machine=machine_info(),

@@ -138,7 +138,12 @@ class _Detector(nn.Module):
         self.epoch = 0
         self._check_index = True
         self._fnd_kwargs = dict(fnd_kwargs, alpha=alpha, lr=lr)
-        self._stats: dict[str, Tensor] = {}
+        # diagnostics of the last call: counts and thresholds kept as tensors, turned into
+        # floats when last_stats is read (so that a step that does not read them pays nothing)
+        self._masked = False
+        self._pending: list[tuple] = []
+        self._stats: Optional[dict[str, float]] = {}
+        self._log_k_cache: Optional[tuple] = None
         self.gather_distributed = bool(gather_distributed)
         if distributed is None:
             distributed = "replicated" if self.gather_distributed else False
@@ -219,7 +224,44 @@ class _Detector(nn.Module):
         and with labels ``precision``, ``recall``, ``f1`` of the flagged negatives against the
         same-label negatives (per-row averages, F1 of the averages, as the paper). CLIP losses add
         ``image_``/``text_`` prefixed values per direction."""
-        return {k: float(v) for k, v in self._stats.items()}
+        if self._stats is None:
+            self._stats = self._finish_stats()
+        return dict(self._stats)
+
+    def _finish_stats(self) -> dict[str, float]:
+        stats = {"masking": float(self._masked)}
+        for prefix, n_valid, n_removed, n_flagged, thr, rows in self._pending:
+            # exact integers, then one correctly rounded division: the bytes of the float64
+            # tensor division it replaces
+            n = max(int(n_valid), 1)
+            n_removed, n_flagged = (x if x is None or x.dim() == 0 else int(n_valid) - int(x.sum())
+                                    for x in (n_removed, n_flagged))
+            stats[prefix + "removed"] = 0.0 if n_removed is None else int(n_removed) / n
+            stats[prefix + "flagged"] = 0.0 if n_flagged is None else int(n_flagged) / n
+            if thr is not None:
+                thr = thr.double()
+                stats[prefix + "lambda_mean"] = float(thr.nanmean())
+                stats[prefix + "lambda_min"] = float(thr.nan_to_num(math.inf).min())
+                stats[prefix + "lambda_max"] = float(thr.nan_to_num(-math.inf).max())
+            if rows is not None:
+                for k, v in Fn.scores_from_counts(*rows).items():
+                    stats[prefix + k] = float(v)
+        return stats
+
+    def _log_k(self, like: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+        """(R,) log K in ``dtype``, the numerator of the count ratio: the same for every step of
+        one batch size, so the last one is kept (computed as an (R,) tensor, as before, so that
+        its bytes do not depend on the caching)."""
+        key = (like.shape[0], k, dtype, like.device)
+        if self._log_k_cache is None or self._log_k_cache[0] != key:
+            full = torch.full_like(like, k)
+            self._log_k_cache = (key, torch.log(full.clamp(min=1).to(dtype)))
+        return self._log_k_cache[1]
+
+    def _start_stats(self, masked: bool) -> None:
+        self._masked = masked
+        self._pending = []
+        self._stats = None
 
     def _detect(self, fnd: Optional[GloFND], sim: Tensor, index: Tensor, valid: Tensor,
                 row_labels: Optional[Tensor], col_labels: Optional[Tensor]
@@ -250,22 +292,38 @@ class _Detector(nn.Module):
             flagged, thr = Fn.label_mask(row_labels, col_labels, valid), None
         return (flagged if mask_on else None), flagged, thr
 
-    def _record(self, prefix: str, valid: Tensor, removed: Optional[Tensor],
-                flagged: Optional[Tensor], thr: Optional[Tensor],
-                truth: Optional[Tensor]) -> None:
-        stats = self._stats
-        n = valid.sum().clamp(min=1).double()
-        zero = torch.zeros((), dtype=torch.float64, device=valid.device)
-        stats[prefix + "removed"] = zero if removed is None else removed.sum().double() / n
-        stats[prefix + "flagged"] = zero if flagged is None else flagged.sum().double() / n
-        if thr is not None:
-            thr = thr.detach().double()
-            stats[prefix + "lambda_mean"] = thr.nanmean()
-            stats[prefix + "lambda_min"] = thr.nan_to_num(math.inf).min()
-            stats[prefix + "lambda_max"] = thr.nan_to_num(-math.inf).max()
-        if truth is not None and flagged is not None:
-            for k, v in Fn.fn_scores(flagged, truth).items():
-                stats[prefix + k] = v
+    def _kept(self, prefix: str, valid: Tensor, per_row: int, removed: Optional[Tensor],
+              flagged: Optional[Tensor], thr: Optional[Tensor], truth: Optional[Tensor],
+              ratio_dtype: Optional[torch.dtype] = None
+              ) -> tuple[Tensor, Optional[Tensor], tuple]:
+        """One block of rows: records its diagnostics and returns ``(keep, log_ratio, entry)``.
+
+        ``valid`` (R, M) has ``per_row`` True entries in every row (K: the losses build it so).
+        keep (R, M) bool: the kept negatives, ``valid & ~removed`` (``valid`` itself when nothing
+        is removed), built in place in the memory of ``removed``, which the callers do not use
+        afterwards (it is the mask the method produced for this call: the flagged one too);
+        log_ratio (R,) log(K/|M_r|) in ``ratio_dtype`` when given and something is removed,
+        else None; entry the diagnostics kept for :attr:`last_stats` (read by
+        :meth:`_finish_stats`). Every method flags valid entries only (removed ⊆ valid), so the
+        removed count is the valid count less the kept count: the entry holds the kept count of
+        each row (an (R,) tensor) in place of the removed count, and last_stats subtracts.
+        """
+        rows = None if truth is None or flagged is None else Fn.score_counts(flagged, truth)
+        n_flagged = None if flagged is None or flagged is removed else Fn.count(flagged)
+        n_valid = valid.shape[0] * per_row
+        keep, log_ratio, n_removed = valid, None, None
+        if removed is not None:
+            keep = torch.gt(valid, removed, out=removed)  # valid & ~removed, one pass
+            n_removed = m = Fn.count(keep, 1)  # the kept per row; last_stats takes the rest
+            if ratio_dtype is not None:
+                log_ratio = self._log_k(m, per_row, ratio_dtype) - torch.log(
+                    m.clamp(min=1).to(ratio_dtype))
+        if flagged is removed:
+            n_flagged = n_removed
+        entry = (prefix, n_valid, n_removed, n_flagged, None if thr is None else thr.detach(),
+                 rows)
+        self._pending.append(entry)
+        return keep, log_ratio, entry
 
     def _move_rows_state(self, u: Tensor, index: Tensor, log_g: Tensor, blocks: int = 1
                          ) -> Tensor:
@@ -471,17 +529,19 @@ class GloFNDLoss(_Detector):
         lab = None if labels is None else torch.cat([labels, labels])
         col_lab = None if labels is None else torch.cat([all_labels, all_labels])
         removed, flagged, thr = self._detect(self.fnd, sim.detach(), ids, valid, lab, col_lab)
-        if self.base == "simclr":
-            per_row = Fn.masked_info_nce(sim / self.temperature, positive, valid, removed)
+        self._start_stats(removed is not None)
+        truth = None if lab is None else Fn.label_mask(lab, col_lab, valid)
+        simclr = self.base == "simclr"
+        keep, log_ratio, _ = self._kept("", valid, 2 * total - 2, removed, flagged, thr, truth,
+                                        sim.dtype if simclr else None)
+        del removed, flagged  # keep may live in their memory
+        if simclr:
+            per_row = Fn.kept_info_nce(sim / self.temperature, positive, keep, log_ratio)
         else:
-            keep = valid if removed is None else valid & ~removed
             log_g = Fn.log_mean_exp(sim.detach() / self.temperature, keep)
             log_u = self._move_rows_state(self.u, ids, log_g, blocks=2)
             pos = sim.gather(1, positive.unsqueeze(1)).squeeze(1)
             per_row = Fn.sogclr_surrogate(sim, pos, keep, log_u, self.temperature)
-        self._stats = {"masking": torch.tensor(float(removed is not None))}
-        truth = None if lab is None else Fn.label_mask(lab, col_lab, valid)
-        self._record("", valid, removed, flagged, thr, truth)
         return per_row.mean()
 
     def extra_repr(self) -> str:
@@ -600,29 +660,40 @@ class GloFNDClipLoss(_Detector):
         col = torch.arange(total, device=img.device)
         valid = col.unsqueeze(0) != positive.unsqueeze(1)
         truth = None if labels is None else Fn.label_mask(labels, all_labels, valid)
-        self._stats = {"masking": torch.tensor(float(self.masking))}
-        terms, flags, removals = [], [], []
+        self._start_stats(self.masking)
+        clip = self.base == "clip"
+        terms, entries = [], []
         for name, s, fnd, u in (("image", sims[0], self.fnd_image, self.u_image),
                                 ("text", sims[1], self.fnd_text, self.u_text)):
+            # the text rows are the columns of sims[0]: the kernel reads rows, and a strided
+            # read of columns costs more than this copy (3-4x the step at B = 256 and 1024)
             removed, flagged, thr = self._detect(fnd, s.detach().contiguous(), index, valid,
                                                  labels, all_labels)
-            if self.base == "clip":
-                per_row = Fn.masked_info_nce(scale * s, positive, valid, removed)
+            keep, log_ratio, entry = self._kept(name + "_", valid, total - 1, removed, flagged,
+                                                thr, truth, s.dtype if clip else None)
+            entries.append(entry)
+            del removed, flagged
+            if clip:
+                per_row = Fn.kept_info_nce(scale * s, positive, keep, log_ratio)
             else:
                 tau = 1.0 / scale.detach()
-                keep = valid if removed is None else valid & ~removed
                 d = s - s.gather(1, positive.unsqueeze(1))
                 log_g = Fn.log_mean_exp(d.detach() / tau, keep)
                 log_u = self._move_rows_state(u, index, log_g)
                 per_row = Fn.sogclr_surrogate(d, torch.zeros_like(log_g), keep, log_u, tau)
             terms.append(per_row.mean())
-            self._record(name + "_", valid, removed, flagged, thr, truth)
-            flags.append(flagged)
-            removals.append(removed)
-        both = torch.cat([valid, valid])
-        cat = [None if x[0] is None else torch.cat(x) for x in (removals, flags)]
-        self._record("", both, cat[0], cat[1], None,
-                     None if truth is None else torch.cat([truth, truth]))
+        # both directions as one block of 2B rows: the counts add up, the per-row score counts
+        # are concatenated (the same rows, in the same order, as the two masks concatenated)
+        (_, v0, r0, f0, _, s0), (_, v1, r1, f1, _, s1) = entries
+
+        def join(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+            if a is None:
+                return None
+            return a + b if a.dim() == 0 else torch.cat([a, b])  # counts, or kept per row
+        removed = join(r0, r1)
+        flagged = removed if f0 is r0 and f1 is r1 else join(f0, f1)
+        self._pending.append(("", v0 + v1, removed, flagged, None,
+                              None if s0 is None else tuple(torch.cat(x) for x in zip(s0, s1))))
         return (terms[0] + terms[1]) / 2
 
     def extra_repr(self) -> str:

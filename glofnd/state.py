@@ -15,6 +15,8 @@ from . import distributed as _dist
 from .reference import ADAM, SGD
 
 _OPTIMIZERS = {"adam": ADAM, "sgd": SGD}
+_STATE = (("lambdas", torch.float32), ("exp_avg", torch.float32),
+          ("exp_avg_sq", torch.float32), ("steps", torch.int32))
 _BIAS_CORRECTION = ("sample", "epoch")
 
 
@@ -186,18 +188,18 @@ class GloFND(nn.Module):
         # the index range is checked by the op's kernels (C and reference), which keeps this
         # path free of data-dependent Python and traceable by torch.compile
         check_batch(sim, index, valid, self.num_samples, check_index=False)
-        self._check_state()
-        if sim.device != self.lambdas.device:
-            raise ValueError(f"sim is on {sim.device} but the state is on {self.lambdas.device}; "
+        state = self._check_state()
+        if sim.device != state[0].device:
+            raise ValueError(f"sim is on {sim.device} but the state is on {state[0].device}; "
                              "move the module with .to(device)")
         if not isinstance(update, (bool, np.bool_)):
             raise TypeError(f"update must be a bool, got {type(update).__name__}")
         sim = sim.detach()
         if sim.dtype not in (torch.float32, torch.float64):
             sim = sim.float()
-        args = (sim, index.to(torch.int64), valid, self.lambdas, self.exp_avg, self.exp_avg_sq,
-                self.steps, self.alpha, self.lr, self.betas[0], self.betas[1], self.eps,
-                self.clamp[0], self.clamp[1], _OPTIMIZERS[self.optimizer], step, bool(update))
+        args = (sim, index.to(torch.int64), valid, *state, self.alpha, self.lr, self.betas[0],
+                self.betas[1], self.eps, self.clamp[0], self.clamp[1],
+                _OPTIMIZERS[self.optimizer], step, bool(update))
         if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
             return _ops.threshold_step(*args)
         if _dist.guard_active(self):  # multi-process run: was the state replaced since?
@@ -228,25 +230,29 @@ class GloFND(nn.Module):
         steps (the overwrite check of multi-process runs would otherwise report it)."""
         _dist.forget_write(self)
 
-    def _check_state(self) -> None:
+    def _check_state(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The buffers as the kernels update them in place: (N,) contiguous, float32 (int32 for
         ``steps``), on one device. Casting the module (``.double()``, ``.half()``) breaks this.
-        A sharded state holds this process's share of the N entries."""
+        A sharded state holds this process's share of the N entries. Returns the four buffers
+        (read from ``_buffers`` directly: ``nn.Module.__getattr__`` costs a microsecond each,
+        and this runs on every step)."""
         n = self.num_samples
         if self.distributed == "sharded":
             n = _dist.shard_size(n, *self.shard)
-        for name, dtype in (("lambdas", torch.float32), ("exp_avg", torch.float32),
-                            ("exp_avg_sq", torch.float32), ("steps", torch.int32)):
-            t = getattr(self, name)
+        buffers = self._buffers
+        state = tuple(buffers.get(name) for name, _ in _STATE)
+        device = state[0].device if isinstance(state[0], Tensor) else None
+        for (name, dtype), t in zip(_STATE, state):
             if not isinstance(t, Tensor) or t.dtype != dtype:
                 got = t.dtype if isinstance(t, Tensor) else type(t).__name__
                 raise TypeError(f"the state buffer {name} must have dtype {dtype}, got {got}")
             if t.shape != (n,) or not t.is_contiguous():
                 raise ValueError(f"the state buffer {name} must be contiguous of shape "
                                  f"({n},), got {tuple(t.shape)}")
-            if t.device != self.lambdas.device:
+            if t.device != device:
                 raise ValueError(f"the state buffer {name} is on {t.device}, lambdas on "
-                                 f"{self.lambdas.device}")
+                                 f"{device}")
+        return state
 
     def forward(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
                 update: bool = True) -> Tensor:
