@@ -85,12 +85,16 @@ def init_state(num_samples: int, init_lambda: float = 1.0) -> dict:
     if not 0 < num_samples <= np.iinfo(np.intp).max // 4:
         raise ValueError(f"num_samples must be > 0 and addressable, got {num_samples}")
     init = _real("init_lambda", init_lambda, -_F32, _F32, False, False)
-    return {
-        "lambdas": np.full(num_samples, init, dtype=np.float32),
-        "exp_avg": np.zeros(num_samples, dtype=np.float32),
-        "exp_avg_sq": np.zeros(num_samples, dtype=np.float32),
-        "steps": np.zeros(num_samples, dtype=np.int32),
-    }
+    try:
+        return {
+            "lambdas": np.full(num_samples, init, dtype=np.float32),
+            "exp_avg": np.zeros(num_samples, dtype=np.float32),
+            "exp_avg_sq": np.zeros(num_samples, dtype=np.float32),
+            "steps": np.zeros(num_samples, dtype=np.int32),
+        }
+    except MemoryError:
+        raise MemoryError(f"num_samples={num_samples} needs {16 * num_samples / 2**30:.1f} GiB "
+                          "of state, more than can be allocated here") from None
 
 
 def threshold_step(sim, index, state: dict, valid=None, *, alpha: float = 0.01,

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -221,7 +221,18 @@ def test_fuzz_numpy_threshold_step(backend, call, data):
 def test_fuzz_init_state(call):
     kwargs = {k: ({"num_samples": 3, "init_lambda": 1.0}[k] if v is GOOD else v)
               for k, v in call.items()}
+    # a valid but huge num_samples is a real allocation (gigabytes, written): not a fuzz case;
+    # test_init_state_too_large_for_memory covers the size that cannot be allocated
+    n = kwargs.get("num_samples")
+    assume(not (isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 10**6))
     _fuzz(numpy_api.init_state, kwargs, [])
+
+
+def test_init_state_too_large_for_memory():
+    """Addressable but not allocatable (64 TiB of state): MemoryError naming num_samples, at
+    once (nothing is written before the allocation fails)."""
+    with pytest.raises(MemoryError, match="num_samples"):
+        numpy_api.init_state(2**42)
 
 
 @needs_c
