@@ -231,23 +231,15 @@ def make_train_one(args, data: common.ImageData):
 
 def main(argv=None):
     args = parse_args(argv)
-    ok = False
-    try:
-        common.init_distributed(args)
-        data = common.load_data(args)
-        if common.is_main(args):
-            print(f"{data.name} image-caption pairs: {len(data.train_y)} training and "
-                  f"{len(data.test_y)} held-out, {len(TEMPLATES)} templates × {len(ADJECTIVES)} "
-                  f"adjectives per class; glofnd {glofnd.implementation}; device {args.device}"
-                  + (f", {args.world_size} processes" if args.distributed else ""))
-        title = (f"{'CLIP' if args.base == 'clip' else 'SogCLR (bimodal)'} on {data.name} "
-                 "captions")
-        results = common.run_methods(args, make_train_one(args, data),
-                                     ("zero_shot_top1", "i2t_r1", "t2i_r1"), title)
-        ok = True
-        return results
-    finally:
-        common.finish_distributed(args, ok)
+    base = "CLIP" if args.base == "clip" else "SogCLR (bimodal)"
+    return common.main(
+        args,
+        lambda data: (f"{data.name} image-caption pairs: {len(data.train_y)} training and "
+                      f"{len(data.test_y)} held-out, {len(TEMPLATES)} templates × "
+                      f"{len(ADJECTIVES)} adjectives per class; glofnd {glofnd.implementation}; "
+                      f"device {args.device}"),
+        make_train_one, ("zero_shot_top1", "i2t_r1", "t2i_r1"),
+        lambda data: f"{base} on {data.name} captions")
 
 
 if __name__ == "__main__":

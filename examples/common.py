@@ -680,6 +680,24 @@ class RunResult:
     lambdas: dict = field(default_factory=dict)
 
 
+def main(args: argparse.Namespace, describe: Callable[[ImageData], str],
+         make_train_one: Callable[[argparse.Namespace, ImageData], Callable[[str, int], RunResult]],
+         accuracy_keys: Sequence[str], title: Callable[[ImageData], str]) -> dict:
+    """An example's whole run: processes (with ``--distributed``), data, a one-line description
+    on rank 0, every method and seed (:func:`run_methods`), and a clean shutdown."""
+    ok = False
+    try:
+        init_distributed(args)
+        data = load_data(args)
+        if is_main(args):
+            print(describe(data) + (f", {args.world_size} processes" if args.distributed else ""))
+        results = run_methods(args, make_train_one(args, data), accuracy_keys, title(data))
+        ok = True
+        return results
+    finally:
+        finish_distributed(args, ok)
+
+
 def run_methods(args: argparse.Namespace, train_one: Callable[[str, int], RunResult],
                 accuracy_keys: Sequence[str], title: str) -> dict:
     """Runs ``train_one(method, seed)`` for every method and seed (same seeds for all methods),

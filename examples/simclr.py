@@ -120,23 +120,13 @@ def make_train_one(args, data: common.ImageData):
 
 def main(argv=None):
     args = parse_args(argv)
-    ok = False
-    try:
-        common.init_distributed(args)
-        data = common.load_data(args)
-        if common.is_main(args):
-            print(f"{data.name}: {len(data.train_y)} training and {len(data.test_y)} held-out "
-                  f"images {tuple(data.train_x.shape[1:])}, {data.num_classes} classes; glofnd "
-                  f"{glofnd.implementation}; device {args.device}"
-                  + (f", {args.world_size} processes" if args.distributed else ""))
-        title = f"{args.base.upper() if args.base == 'simclr' else 'SogCLR'} on {data.name}"
-        title = title.replace("SIMCLR", "SimCLR")
-        results = common.run_methods(args, make_train_one(args, data),
-                                     ("knn_top1", "linear_top1"), title)
-        ok = True
-        return results
-    finally:
-        common.finish_distributed(args, ok)
+    base = "SimCLR" if args.base == "simclr" else "SogCLR"
+    return common.main(
+        args,
+        lambda data: (f"{data.name}: {len(data.train_y)} training and {len(data.test_y)} "
+                      f"held-out images {tuple(data.train_x.shape[1:])}, {data.num_classes} "
+                      f"classes; glofnd {glofnd.implementation}; device {args.device}"),
+        make_train_one, ("knn_top1", "linear_top1"), lambda data: f"{base} on {data.name}")
 
 
 if __name__ == "__main__":
