@@ -38,7 +38,8 @@ def compiler_accepts(args):
 
 def extension():
     compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wshadow", "-Wconversion",
-                    "-Wno-sign-conversion", "-ffp-contract=off", "-fno-math-errno"]
+                    "-Wno-sign-conversion", "-ffp-contract=off", "-fno-math-errno",
+                    "-fno-trapping-math"]
     link_args = []
     sanitize = os.environ.get("GLOFND_SANITIZE", "").strip()
     if sanitize:
@@ -58,8 +59,9 @@ def extension():
         link_args += ["-fopenmp"]
     return Extension(
         "glofnd._C",
-        sources=["csrc/threshold.c", "csrc/module.c"],
-        depends=["csrc/glofnd.h", "csrc/step_impl.h", "csrc/rows_avx512.h"],
+        sources=["csrc/threshold.c", "csrc/loss.c", "csrc/module.c"],
+        depends=["csrc/glofnd.h", "csrc/step_impl.h", "csrc/rows_avx512.h", "csrc/loss_impl.h",
+                 "csrc/loss_vec.h"],
         include_dirs=["csrc", numpy.get_include()],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

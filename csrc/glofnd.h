@@ -30,6 +30,11 @@ typedef struct {
     const int64_t *index;
     const uint8_t *valid;
     int64_t valid_row_stride, valid_col_stride;
+    /* Columns excluded from row r besides valid: exclude[r * n_exclude + k], those outside
+     * [0, cols) ignored, a repeated one counted once (e.g. the row's own column and its positive,
+     * so that a loss needs no R x M validity mask). NULL: none. */
+    const int64_t *exclude;
+    int64_t n_exclude;
 } glofnd_batch;
 
 /* Per-sample state, n entries each: threshold, Adam moments, update count. */
@@ -57,11 +62,42 @@ typedef struct {
  * the current lambda (all rows of one index pooled), then write mask[r*M + j] = 1 where entry
  * (r, j) is valid and above the new lambda of index[r], and kept[r] = valid entries not masked.
  * Non-finite entries (NaN, +-inf) are never valid: never counted, never flagged; an index with no
- * valid entry keeps its state. mask (R*M) and kept (R) are contiguous outputs. */
+ * valid entry keeps its state. mask (R*M) and kept (R) are contiguous outputs; with mask == NULL
+ * only the update runs (kept may then be NULL too). */
 int glofnd_step_f32(const float *sim, const glofnd_batch *batch, glofnd_state *state,
                     const glofnd_params *params, uint8_t *mask, int64_t *kept);
 int glofnd_step_f64(const double *sim, const glofnd_batch *batch, glofnd_state *state,
                     const glofnd_params *params, uint8_t *mask, int64_t *kept);
+
+/* Rows of the fused InfoNCE (loss.c): R rows of M contiguous similarities (row stride M). Row
+ * r's positive is column positive[r]; it and own[r] (when own is not NULL and own[r] >= 0) are
+ * excluded; every other entry is a valid negative, removed when it is finite and above thr[r]
+ * (thr not NULL) or flagged in removed (R*M contiguous, not NULL). per_row is K, the valid count
+ * of every row, and ratio = 1 rescales the kept negatives by K / |M_r|. */
+typedef struct {
+    int64_t rows, cols;
+    const int64_t *positive;
+    const int64_t *own;
+    const float *thr;
+    const uint8_t *removed;
+    int64_t per_row;
+    int ratio;
+    int num_threads; /* <= 1: serial; results never depend on it */
+} glofnd_rows;
+
+/* Forward: loss (R), lse (R, the log-sum-exp the backward needs) and kept (R, |M_r|). */
+int glofnd_info_nce_fwd_f32(const float *sim, float scale, const glofnd_rows *rows, float *loss,
+                            float *lse, int64_t *kept);
+int glofnd_info_nce_fwd_f64(const double *sim, double scale, const glofnd_rows *rows,
+                            double *loss, double *lse, int64_t *kept);
+/* Backward from grad (R), the gradient of each row's loss: dsim (R*M) and, when dscale is not
+ * NULL, each row's term of the scale's gradient (R). */
+int glofnd_info_nce_bwd_f32(const float *sim, float scale, const glofnd_rows *rows,
+                            const float *grad, const float *lse, const int64_t *kept, float *dsim,
+                            float *dscale);
+int glofnd_info_nce_bwd_f64(const double *sim, double scale, const glofnd_rows *rows,
+                            const double *grad, const double *lse, const int64_t *kept,
+                            double *dsim, double *dscale);
 
 /* Instruction sets of the row kernels. All give the same bytes; the widest one the CPU runs is
  * used unless glofnd_set_isa chose another. */

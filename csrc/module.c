@@ -204,16 +204,49 @@ static int get_int(PyObject *obj, const char *name, long long lo, long long hi, 
 
 #define GLOFND_MAX_THREADS 1024
 
+/* obj as an array of exactly this dtype, dimensions and (for d1 >= 0) shape, C-contiguous and
+ * aligned: a borrowed reference, never a copy (the torch layer hands its tensors' memory). NULL
+ * with a TypeError/ValueError naming the argument; *out = NULL for None when allowed. */
+static int exact_array(PyObject *obj, const char *name, int typenum, int ndim, npy_intp d0,
+                       npy_intp d1, int allow_none, PyArrayObject **out)
+{
+    *out = NULL;
+    if (obj == Py_None && allow_none)
+        return 0;
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != typenum) {
+        PyErr_Format(PyExc_TypeError, "%s has the wrong dtype", name);
+        return -1;
+    }
+    if (PyArray_NDIM(a) != ndim || (d0 >= 0 && PyArray_DIM(a, 0) != d0) ||
+        (ndim == 2 && d1 >= 0 && PyArray_DIM(a, 1) != d1)) {
+        PyErr_Format(PyExc_ValueError, "%s has the wrong shape", name);
+        return -1;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous and aligned", name);
+        return -1;
+    }
+    *out = a;
+    return 0;
+}
+
 static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
 {
     (void)self;
     static char *kwlist[] = {"sim", "index", "valid", "lambdas", "exp_avg", "exp_avg_sq",
                              "steps", "alpha", "lr", "beta1", "beta2", "eps", "lo", "hi",
-                             "optimizer", "step", "update", "num_threads", NULL};
+                             "optimizer", "step", "update", "num_threads", "exclude",
+                             "want_mask", NULL};
     PyObject *sim_o, *index_o, *valid_o, *lam_o, *m_o, *v_o, *t_o;
-    PyObject *o[11] = {NULL};
+    PyObject *o[13] = {NULL};
     glofnd_params p = {0.01, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, GLOFND_ADAM, 0, 1, 1};
-    long long optimizer = p.optimizer, step = 0, update = 1, threads = 1;
+    long long optimizer = p.optimizer, step = 0, update = 1, threads = 1, want_mask = 1;
     /* CPython reports an extra keyword only by count when all others are given: name it */
     PyObject *key;
     Py_ssize_t pos = 0;
@@ -226,10 +259,10 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
             return NULL;
         }
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$OOOOOOOOOOO", kwlist, &sim_o,
-                                     &index_o, &valid_o, &lam_o, &m_o, &v_o, &t_o, &o[0], &o[1],
-                                     &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9],
-                                     &o[10]))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$OOOOOOOOOOOOO", kwlist,
+                                     &sim_o, &index_o, &valid_o, &lam_o, &m_o, &v_o, &t_o, &o[0],
+                                     &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                                     &o[9], &o[10], &o[11], &o[12]))
         return NULL;
     if (get_double(o[0], "alpha", &p.alpha) < 0 || get_double(o[1], "lr", &p.lr) < 0 ||
         get_double(o[2], "beta1", &p.beta1) < 0 || get_double(o[3], "beta2", &p.beta2) < 0 ||
@@ -238,7 +271,8 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
         get_int(o[7], "optimizer", 0, 1, &optimizer) < 0 ||
         get_int(o[8], "step", 0, INT64_MAX, &step) < 0 ||
         get_int(o[9], "update", 0, 1, &update) < 0 ||
-        get_int(o[10], "num_threads", 0, GLOFND_MAX_THREADS, &threads) < 0)
+        get_int(o[10], "num_threads", 0, GLOFND_MAX_THREADS, &threads) < 0 ||
+        get_int(o[12], "want_mask", 0, 1, &want_mask) < 0)
         return NULL;
     p.optimizer = (int)optimizer;
     p.step = (int64_t)step;
@@ -278,14 +312,20 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
         goto done;
     if (valid_o != Py_None && (valid = as_valid(valid_o, rows, cols)) == NULL)
         goto done;
-
-    npy_intp mdims[2] = {rows, cols};
-    mask = (PyArrayObject *)PyArray_EMPTY(2, mdims, NPY_BOOL, 0);
-    kept = (PyArrayObject *)PyArray_EMPTY(1, mdims, NPY_INT64, 0);
-    if (mask == NULL || kept == NULL)
+    PyArrayObject *exclude = NULL;
+    if (o[11] != NULL &&
+        exact_array(o[11], "exclude", NPY_INT64, 2, rows, -1, 1, &exclude) < 0)
         goto done;
 
-    glofnd_batch b = {rows, cols, 0, 1, PyArray_DATA(index), NULL, 0, 1};
+    npy_intp mdims[2] = {rows, cols};
+    if (want_mask) {
+        mask = (PyArrayObject *)PyArray_EMPTY(2, mdims, NPY_BOOL, 0);
+        kept = (PyArrayObject *)PyArray_EMPTY(1, mdims, NPY_INT64, 0);
+        if (mask == NULL || kept == NULL)
+            goto done;
+    }
+
+    glofnd_batch b = {rows, cols, 0, 1, PyArray_DATA(index), NULL, 0, 1, NULL, 0};
     if (element_strides(sim, &b.row_stride, &b.col_stride) < 0) {
         PyErr_SetString(PyExc_ValueError, "sim has strides that are not whole elements");
         goto done;
@@ -295,23 +335,31 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
         b.valid_row_stride = PyArray_STRIDE(valid, 0);
         b.valid_col_stride = PyArray_STRIDE(valid, 1);
     }
+    if (exclude != NULL) {
+        b.exclude = PyArray_DATA(exclude);
+        b.n_exclude = PyArray_DIM(exclude, 1);
+    }
     glofnd_state st = {PyArray_DATA((PyArrayObject *)lam_o), PyArray_DATA((PyArrayObject *)m_o),
                        PyArray_DATA((PyArrayObject *)v_o), PyArray_DATA((PyArrayObject *)t_o), n};
     int status;
     Py_BEGIN_ALLOW_THREADS
     if (PyArray_TYPE(sim) == NPY_FLOAT32)
-        status = glofnd_step_f32(PyArray_DATA(sim), &b, &st, &p, PyArray_DATA(mask),
-                                 PyArray_DATA(kept));
+        status = glofnd_step_f32(PyArray_DATA(sim), &b, &st, &p,
+                                 mask != NULL ? PyArray_DATA(mask) : NULL,
+                                 kept != NULL ? PyArray_DATA(kept) : NULL);
     else
-        status = glofnd_step_f64(PyArray_DATA(sim), &b, &st, &p, PyArray_DATA(mask),
-                                 PyArray_DATA(kept));
+        status = glofnd_step_f64(PyArray_DATA(sim), &b, &st, &p,
+                                 mask != NULL ? PyArray_DATA(mask) : NULL,
+                                 kept != NULL ? PyArray_DATA(kept) : NULL);
     Py_END_ALLOW_THREADS
     if (status == GLOFND_ENOMEM)
         PyErr_NoMemory();
     else if (status != GLOFND_OK)
         PyErr_Format(PyExc_RuntimeError, "glofnd_step failed with status %d", status);
-    else
+    else if (mask != NULL)
         result = PyTuple_Pack(2, (PyObject *)mask, (PyObject *)kept);
+    else
+        result = PyTuple_Pack(2, Py_None, Py_None);
 
 done:
     Py_XDECREF(sim);
@@ -319,6 +367,142 @@ done:
     Py_XDECREF(valid);
     Py_XDECREF(mask);
     Py_XDECREF(kept);
+    return result;
+}
+
+/* The row description shared by info_nce_forward and info_nce_backward. */
+static int parse_rows(PyObject *sim_o, PyObject *pos_o, PyObject *own_o, PyObject *thr_o,
+                      PyObject *rem_o, long long per_row, int ratio, long long threads,
+                      PyArrayObject **sim, glofnd_rows *b)
+{
+    PyArrayObject *sim_a = NULL, *pos, *own, *thr, *rem;
+    if (PyArray_Check(sim_o) && PyArray_TYPE((PyArrayObject *)sim_o) == NPY_FLOAT64) {
+        if (exact_array(sim_o, "sim", NPY_FLOAT64, 2, -1, -1, 0, &sim_a) < 0)
+            return -1;
+    } else if (exact_array(sim_o, "sim", NPY_FLOAT32, 2, -1, -1, 0, &sim_a) < 0) {
+        return -1;
+    }
+    const npy_intp R = PyArray_DIM(sim_a, 0), M = PyArray_DIM(sim_a, 1);
+    if (exact_array(pos_o, "positive", NPY_INT64, 1, R, -1, 0, &pos) < 0 ||
+        exact_array(own_o, "own", NPY_INT64, 1, R, -1, 1, &own) < 0 ||
+        exact_array(thr_o, "thr", NPY_FLOAT32, 1, R, -1, 1, &thr) < 0 ||
+        exact_array(rem_o, "removed", NPY_BOOL, 2, R, M, 1, &rem) < 0)
+        return -1;
+    if (thr != NULL && rem != NULL) {
+        PyErr_SetString(PyExc_ValueError, "thr and removed are exclusive");
+        return -1;
+    }
+    if (per_row < 0) {
+        PyErr_SetString(PyExc_ValueError, "per_row must be >= 0");
+        return -1;
+    }
+    *sim = sim_a;
+    b->rows = R;
+    b->cols = M;
+    b->positive = PyArray_DATA(pos);
+    b->own = own != NULL ? PyArray_DATA(own) : NULL;
+    b->thr = thr != NULL ? PyArray_DATA(thr) : NULL;
+    b->removed = rem != NULL ? PyArray_DATA(rem) : NULL;
+    b->per_row = per_row;
+    b->ratio = ratio;
+    b->num_threads = (int)threads;
+    return 0;
+}
+
+static int rows_status(int status)
+{
+    if (status == GLOFND_EINDEX)
+        PyErr_SetString(PyExc_IndexError, "positive or own holds a column outside [0, cols)");
+    else if (status != GLOFND_OK)
+        PyErr_Format(PyExc_RuntimeError, "the InfoNCE kernel failed with status %d", status);
+    return status == GLOFND_OK ? 0 : -1;
+}
+
+static PyObject *py_info_nce_forward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *sim_o, *pos_o, *own_o, *thr_o, *rem_o;
+    double scale;
+    long long per_row, threads;
+    int ratio;
+    if (!PyArg_ParseTuple(args, "OOOOOdLpL:info_nce_forward", &sim_o, &pos_o, &own_o, &thr_o,
+                          &rem_o, &scale, &per_row, &ratio, &threads))
+        return NULL;
+    PyArrayObject *sim;
+    glofnd_rows b;
+    if (parse_rows(sim_o, pos_o, own_o, thr_o, rem_o, per_row, ratio, threads, &sim, &b) < 0)
+        return NULL;
+    const int typenum = PyArray_TYPE(sim);
+    npy_intp dims[1] = {b.rows};
+    PyArrayObject *loss = (PyArrayObject *)PyArray_EMPTY(1, dims, typenum, 0);
+    PyArrayObject *lse = (PyArrayObject *)PyArray_EMPTY(1, dims, typenum, 0);
+    PyArrayObject *kept = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    PyObject *result = NULL;
+    if (loss != NULL && lse != NULL && kept != NULL) {
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        if (typenum == NPY_FLOAT32)
+            status = glofnd_info_nce_fwd_f32(PyArray_DATA(sim), (float)scale, &b,
+                                             PyArray_DATA(loss), PyArray_DATA(lse),
+                                             PyArray_DATA(kept));
+        else
+            status = glofnd_info_nce_fwd_f64(PyArray_DATA(sim), scale, &b, PyArray_DATA(loss),
+                                             PyArray_DATA(lse), PyArray_DATA(kept));
+        Py_END_ALLOW_THREADS
+        if (rows_status(status) == 0)
+            result = PyTuple_Pack(3, (PyObject *)loss, (PyObject *)lse, (PyObject *)kept);
+    }
+    Py_XDECREF(loss);
+    Py_XDECREF(lse);
+    Py_XDECREF(kept);
+    return result;
+}
+
+static PyObject *py_info_nce_backward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *grad_o, *sim_o, *pos_o, *own_o, *thr_o, *rem_o, *lse_o, *kept_o;
+    double scale;
+    long long per_row, threads;
+    int ratio, want_dscale;
+    if (!PyArg_ParseTuple(args, "OOOOOOdLpOOpL:info_nce_backward", &grad_o, &sim_o, &pos_o,
+                          &own_o, &thr_o, &rem_o, &scale, &per_row, &ratio, &lse_o, &kept_o,
+                          &want_dscale, &threads))
+        return NULL;
+    PyArrayObject *sim, *grad, *lse, *kept;
+    glofnd_rows b;
+    if (parse_rows(sim_o, pos_o, own_o, thr_o, rem_o, per_row, ratio, threads, &sim, &b) < 0)
+        return NULL;
+    const int typenum = PyArray_TYPE(sim);
+    if (exact_array(grad_o, "grad", typenum, 1, b.rows, -1, 0, &grad) < 0 ||
+        exact_array(lse_o, "lse", typenum, 1, b.rows, -1, 0, &lse) < 0 ||
+        exact_array(kept_o, "kept", NPY_INT64, 1, b.rows, -1, 0, &kept) < 0)
+        return NULL;
+    npy_intp dims[2] = {b.rows, b.cols};
+    PyArrayObject *dsim = (PyArrayObject *)PyArray_EMPTY(2, dims, typenum, 0);
+    PyArrayObject *dscale =
+        want_dscale ? (PyArrayObject *)PyArray_EMPTY(1, dims, typenum, 0) : NULL;
+    PyObject *result = NULL;
+    if (dsim != NULL && (dscale != NULL || !want_dscale)) {
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        if (typenum == NPY_FLOAT32)
+            status = glofnd_info_nce_bwd_f32(PyArray_DATA(sim), (float)scale, &b,
+                                             PyArray_DATA(grad), PyArray_DATA(lse),
+                                             PyArray_DATA(kept), PyArray_DATA(dsim),
+                                             dscale != NULL ? PyArray_DATA(dscale) : NULL);
+        else
+            status = glofnd_info_nce_bwd_f64(PyArray_DATA(sim), scale, &b, PyArray_DATA(grad),
+                                             PyArray_DATA(lse), PyArray_DATA(kept),
+                                             PyArray_DATA(dsim),
+                                             dscale != NULL ? PyArray_DATA(dscale) : NULL);
+        Py_END_ALLOW_THREADS
+        if (rows_status(status) == 0)
+            result = PyTuple_Pack(2, (PyObject *)dsim,
+                                  dscale != NULL ? (PyObject *)dscale : Py_None);
+    }
+    Py_XDECREF(dsim);
+    Py_XDECREF(dscale);
     return result;
 }
 
@@ -356,9 +540,21 @@ static PyObject *py_set_isa(PyObject *self, PyObject *arg)
 static PyMethodDef methods[] = {
     {"step", (PyCFunction)(void (*)(void))py_step, METH_VARARGS | METH_KEYWORDS,
      "step(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps, *, alpha, lr, beta1, beta2,"
-     " eps, lo, hi, optimizer, step, update, num_threads) -> (mask, kept)\n\n"
+     " eps, lo, hi, optimizer, step, update, num_threads, exclude=None, want_mask=True)\n"
+     "-> (mask, kept)\n\n"
      "Fused GloFND threshold step: updates the state in place, returns the false-negative mask\n"
-     "(bool, rows x cols) and the kept count of each row (int64)."},
+     "(bool, rows x cols) and the kept count of each row (int64). exclude (rows, k) int64:\n"
+     "columns left out of each row besides valid (outside [0, cols): none). want_mask=False:\n"
+     "the update only, returns (None, None)."},
+    {"info_nce_forward", py_info_nce_forward, METH_VARARGS,
+     "info_nce_forward(sim, positive, own, thr, removed, scale, per_row, ratio, num_threads)\n"
+     "-> (loss, lse, kept)\n\nThe fused InfoNCE of each row (csrc/loss.c): sim (R, M) float32 or\n"
+     "float64 C-contiguous, positive (R,) int64, own None or (R,) int64 (< 0: none), thr None or\n"
+     "(R,) float32, removed None or (R, M) bool."},
+    {"info_nce_backward", py_info_nce_backward, METH_VARARGS,
+     "info_nce_backward(grad, sim, positive, own, thr, removed, scale, per_row, ratio, lse, kept,\n"
+     "want_dscale, num_threads) -> (dsim, dscale_rows or None)\n\nIts gradient, from the\n"
+     "gradient of each row's loss."},
     {"isa", py_isa, METH_NOARGS,
      "isa() -> str\n\nThe instruction set of the row kernels in use: 'base', 'avx2' or 'avx512'."},
     {"set_isa", py_set_isa, METH_O,

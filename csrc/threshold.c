@@ -143,6 +143,8 @@ static int check_args(const glofnd_batch *b, const glofnd_state *st, const glofn
     for (int64_t r = 0; r < b->rows; ++r)
         if (b->index[r] < 0 || b->index[r] >= st->n)
             return GLOFND_EINDEX;
+    if (b->n_exclude < 0 || (b->n_exclude > 0 && b->rows > 0 && b->exclude == NULL))
+        return GLOFND_EINVAL;
     return GLOFND_OK;
 }
 

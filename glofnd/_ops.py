@@ -108,3 +108,153 @@ def use_backend(name: str):
         yield
     finally:
         _backend = previous
+
+
+# --- the threshold update alone, for the losses: no mask, structural exclusions ---------------
+
+_lib.define(
+    "threshold_update(Tensor sim, Tensor index, Tensor exclude, Tensor(a!) lambdas, "
+    "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) steps, float alpha, float lr, "
+    "float beta1, float beta2, float eps, float lo, float hi, int optimizer, int step) -> ()"
+)
+
+
+def _threshold_update_any(sim, index, exclude, lambdas, exp_avg, exp_avg_sq, steps,
+                          alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step):
+    """Any device: the reference's update with the exclusions as a validity mask."""
+    _check_range(index, lambdas.shape[0])
+    above, nvalid = reference.row_counts(sim, index, reference.exclusion_valid(sim, exclude),
+                                         lambdas)
+    reference.pooled_update(index, above, nvalid, lambdas, exp_avg, exp_avg_sq, steps, alpha,
+                            lr, beta1, beta2, eps, lo, hi, optimizer, step)
+
+
+def _threshold_update_cpu(sim, index, exclude, lambdas, exp_avg, exp_avg_sq, steps,
+                          alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step):
+    """CPU: the C kernel's update pass only (no mask is written)."""
+    if _C is None or _backend != "c":
+        return _threshold_update_any(sim, index, exclude, lambdas, exp_avg, exp_avg_sq, steps,
+                                     alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step)
+    _C.step(sim.numpy(), index.numpy(), None, lambdas.numpy(), exp_avg.numpy(),
+            exp_avg_sq.numpy(), steps.numpy(), alpha=alpha, lr=lr, beta1=beta1, beta2=beta2,
+            eps=eps, lo=lo, hi=hi, optimizer=optimizer, step=step, update=True,
+            num_threads=torch.get_num_threads(), exclude=exclude.numpy(), want_mask=False)
+    torch.autograd.graph.increment_version((lambdas, exp_avg, exp_avg_sq, steps))
+
+
+def _threshold_update_fake(*args):
+    return None
+
+
+_lib.impl("threshold_update", _threshold_update_any, "CompositeExplicitAutograd")
+_lib.impl("threshold_update", _threshold_update_cpu, "CPU")
+torch.library.register_fake("glofnd::threshold_update", _threshold_update_fake, lib=_lib)
+
+threshold_update = torch.ops.glofnd.threshold_update
+"""``glofnd::threshold_update``: the λ update of :data:`threshold_step` without the mask, the
+validity given as excluded columns ``exclude`` (R, k) int64 (the row's own column and positive
+in the losses) instead of an (R, M) mask."""
+
+
+# --- the fused InfoNCE of the losses ----------------------------------------------------------
+
+_lib.define(
+    "info_nce(Tensor sim, Tensor positive, Tensor? own, Tensor? thr, Tensor? removed, "
+    "Tensor scale, int per_row, bool ratio) -> (Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "info_nce_backward(Tensor grad, Tensor sim, Tensor positive, Tensor? own, Tensor? thr, "
+    "Tensor? removed, Tensor scale, int per_row, bool ratio, Tensor lse, Tensor kept, "
+    "bool want_dscale) -> (Tensor, Tensor)"
+)
+
+
+def _np(t: Optional[Tensor]):
+    return None if t is None else t.numpy()
+
+
+def _info_nce_any(sim, positive, own, thr, removed, scale, per_row, ratio):
+    return reference.info_nce(sim, positive, own, thr, removed, scale, per_row, ratio)
+
+
+def _info_nce_cpu(sim, positive, own, thr, removed, scale, per_row, ratio):
+    if _C is None or _backend != "c":
+        return _info_nce_any(sim, positive, own, thr, removed, scale, per_row, ratio)
+    loss, lse, kept = _C.info_nce_forward(
+        sim.detach().numpy(), positive.numpy(), _np(own), _np(thr), _np(removed),
+        float(scale), per_row, ratio, torch.get_num_threads())
+    return torch.from_numpy(loss), torch.from_numpy(lse), torch.from_numpy(kept)
+
+
+def _info_nce_fake(sim, positive, own, thr, removed, scale, per_row, ratio):
+    rows = sim.shape[:1]
+    return (sim.new_empty(rows), sim.new_empty(rows),
+            torch.empty(rows, dtype=torch.int64, device=sim.device))
+
+
+def _info_nce_backward_any(grad, sim, positive, own, thr, removed, scale, per_row, ratio, lse,
+                           kept, want_dscale):
+    return reference.info_nce_backward(grad, sim, positive, own, thr, removed, scale, per_row,
+                                       ratio, lse, kept)
+
+
+def _info_nce_backward_cpu(grad, sim, positive, own, thr, removed, scale, per_row, ratio, lse,
+                           kept, want_dscale):
+    if _C is None or _backend != "c":
+        return _info_nce_backward_any(grad, sim, positive, own, thr, removed, scale, per_row,
+                                      ratio, lse, kept, want_dscale)
+    dsim, dscale = _C.info_nce_backward(
+        grad.to(sim.dtype).contiguous().numpy(), sim.numpy(), positive.numpy(), _np(own),
+        _np(thr), _np(removed), float(scale), per_row, ratio, lse.numpy(), kept.numpy(),
+        want_dscale, torch.get_num_threads())
+    dsim = torch.from_numpy(dsim)
+    return dsim, (torch.from_numpy(dscale) if dscale is not None else dsim.new_zeros(0))
+
+
+def _info_nce_backward_fake(grad, sim, positive, own, thr, removed, scale, per_row, ratio, lse,
+                            kept, want_dscale):
+    return sim.new_empty(sim.shape), sim.new_empty(sim.shape[:1] if want_dscale else (0,))
+
+
+for _name, _any, _cpu, _fake in (
+        ("info_nce", _info_nce_any, _info_nce_cpu, _info_nce_fake),
+        ("info_nce_backward", _info_nce_backward_any, _info_nce_backward_cpu,
+         _info_nce_backward_fake)):
+    _lib.impl(_name, _any, "CompositeExplicitAutograd")
+    _lib.impl(_name, _cpu, "CPU")
+    torch.library.register_fake("glofnd::" + _name, _fake, lib=_lib)
+
+
+def _info_nce_setup(ctx, inputs, output):
+    sim, positive, own, thr, removed, scale, per_row, ratio = inputs
+    _, lse, kept = output
+    ctx.save_for_backward(sim, positive, own, thr, removed, scale, lse, kept)
+    ctx.per_row, ctx.ratio = per_row, ratio
+    ctx.mark_non_differentiable(lse, kept)
+
+
+def _info_nce_grad(ctx, grad_loss, grad_lse, grad_kept):
+    sim, positive, own, thr, removed, scale, lse, kept = ctx.saved_tensors
+    want_scale = ctx.needs_input_grad[5]
+    dsim, dscale = torch.ops.glofnd.info_nce_backward(
+        grad_loss, sim, positive, own, thr, removed, scale, ctx.per_row, ctx.ratio, lse, kept,
+        want_scale)
+    dscale = dscale.sum().to(scale.dtype).reshape(scale.shape) if want_scale else None
+    return dsim, None, None, None, None, dscale, None, None
+
+
+torch.library.register_autograd("glofnd::info_nce", _info_nce_grad,
+                                setup_context=_info_nce_setup, lib=_lib)
+
+info_nce = torch.ops.glofnd.info_nce
+"""``glofnd::info_nce(sim, positive, own, thr, removed, scale, per_row, ratio) -> (loss, lse,
+kept)``: the per-row InfoNCE of the losses with false negatives removed and the kept negatives
+rescaled (:func:`glofnd.reference.info_nce`), differentiable in ``sim`` and ``scale``. CPU
+tensors run the fused C kernel (csrc/loss.c: one read of each row for the forward, one for the
+backward, no (R, M) temporary); other devices the torch formula."""
+
+
+def fused_available(sim: Tensor) -> bool:
+    """Whether the losses run their InfoNCE through the C kernel for ``sim``."""
+    return (_C is not None and _backend == "c" and sim.device.type == "cpu"
+            and sim.dtype in (torch.float32, torch.float64))

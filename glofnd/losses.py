@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import _ops
 from . import distributed as D
 from . import functional as Fn
+from . import reference
 from .state import _OPTIMIZERS, GloFND, _check_real, check_batch
 
 BASES = ("simclr", "sogclr")
@@ -292,6 +293,58 @@ class _Detector(nn.Module):
             flagged, thr = Fn.label_mask(row_labels, col_labels, valid), None
         return (flagged if mask_on else None), flagged, thr
 
+    def _fused(self, prefix: str, fnd: Optional[GloFND], sim: Tensor, index: Tensor,
+               own: Optional[Tensor], positive: Tensor, per_row: int, scale: Tensor) -> Tensor:
+        """One block of rows through the fused InfoNCE (:data:`glofnd._ops.info_nce`, CPU):
+        returns the per-row losses and records the diagnostics, as :meth:`_detect`,
+        :meth:`_kept` and :func:`glofnd.functional.kept_info_nce` together would.
+
+        With GloFND's state in this process, the rows' λ are updated without a mask (the own
+        column and positive excluded by index) and the kernel compares each entry with its row's
+        new λ as it sums: no (R, M) mask or validity mask is made. Other set-ups (several
+        processes, a state on another device, masks learned but not yet applied, fnc) build the
+        mask as before and hand it to the kernel."""
+        method, mask_on = self.method, self.masking
+        exclude = torch.stack([positive, own], 1) if own is not None else positive.unsqueeze(1)
+
+        def valid() -> Tensor:
+            return reference.exclusion_valid(sim, exclude)
+
+        thr = removed = flagged = None
+        if method in ("glofnd", "single"):
+            update = self.training and self.epoch >= self.start_update
+            ids = index if method == "glofnd" else torch.zeros_like(index)
+            local = not (fnd.distributed is not None and D.multi_process(fnd.process_group)) \
+                and fnd.lambdas.device == sim.device
+            if mask_on and local:
+                if update:
+                    fnd._update_excluding(sim.detach(), ids, exclude)
+                thr = fnd.lambdas[ids]
+            elif update or mask_on:
+                removed, flagged, thr = self._detect(fnd, sim.detach(), index, valid(), None,
+                                                     None)
+        elif method == "fnc" and mask_on:
+            flagged, thr = Fn.fnc_mask(sim.detach(), valid(), self.alpha)
+            removed = flagged
+        applied = thr is not None and mask_on or removed is not None
+        loss, _, kept = _ops.info_nce(sim, positive, own, thr if removed is None and applied
+                                      else None, removed, scale, per_row, applied)
+        n_removed = kept if applied else None
+        if flagged is None:
+            n_flagged = n_removed
+        else:
+            n_flagged = n_removed if flagged is removed else Fn.count(flagged)
+        self._pending.append((prefix, sim.shape[0] * per_row, n_removed, n_flagged,
+                              None if thr is None else thr.detach(), None))
+        return loss
+
+    def _scale(self, value: float, dtype: torch.dtype) -> Tensor:
+        """A scalar tensor of ``value`` (cached: the same for every step)."""
+        key = (value, dtype)
+        if getattr(self, "_scale_cache", None) is None or self._scale_cache[0] != key:
+            self._scale_cache = (key, torch.tensor(value, dtype=dtype))
+        return self._scale_cache[1]
+
     def _kept(self, prefix: str, valid: Tensor, per_row: int, removed: Optional[Tensor],
               flagged: Optional[Tensor], thr: Optional[Tensor], truth: Optional[Tensor],
               ratio_dtype: Optional[torch.dtype] = None
@@ -523,9 +576,14 @@ class GloFNDLoss(_Detector):
         first = r < b
         own = torch.where(first, off + r, total + off + r - b)       # the row's own column
         positive = torch.where(first, total + off + r, off + r - b)  # its other view
+        ids = torch.cat([index, index])
+        if self.base == "simclr" and labels is None and _ops.fused_available(sim):
+            self._start_stats(self.masking)
+            per_row = self._fused("", self.fnd, sim, ids, own, positive, 2 * total - 2,
+                                  self._scale(1.0 / self.temperature, sim.dtype))
+            return per_row.mean()
         col = torch.arange(2 * total, device=sim.device).unsqueeze(0)
         valid = (col != own.unsqueeze(1)) & (col != positive.unsqueeze(1))
-        ids = torch.cat([index, index])
         lab = None if labels is None else torch.cat([labels, labels])
         col_lab = None if labels is None else torch.cat([all_labels, all_labels])
         removed, flagged, thr = self._detect(self.fnd, sim.detach(), ids, valid, lab, col_lab)
@@ -657,21 +715,27 @@ class GloFNDClipLoss(_Detector):
             sims = (Fn.cosine(img, all_txt), Fn.cosine(txt, all_img))
         scale = scale.to(sims[0].dtype)
         positive = off + torch.arange(b, device=img.device)
+        self._start_stats(self.masking)
+        clip = self.base == "clip"
+        if clip and labels is None and _ops.fused_available(sims[0]):
+            terms = [self._fused(name + "_", fnd, s.contiguous(), index, None, positive,
+                                 total - 1, scale).mean()
+                     for name, s, fnd in (("image", sims[0], self.fnd_image),
+                                          ("text", sims[1], self.fnd_text))]
+            self._join_entries()
+            return (terms[0] + terms[1]) / 2
         col = torch.arange(total, device=img.device)
         valid = col.unsqueeze(0) != positive.unsqueeze(1)
         truth = None if labels is None else Fn.label_mask(labels, all_labels, valid)
-        self._start_stats(self.masking)
-        clip = self.base == "clip"
-        terms, entries = [], []
+        terms = []
         for name, s, fnd, u in (("image", sims[0], self.fnd_image, self.u_image),
                                 ("text", sims[1], self.fnd_text, self.u_text)):
             # the text rows are the columns of sims[0]: the kernel reads rows, and a strided
             # read of columns costs more than this copy (3-4x the step at B = 256 and 1024)
             removed, flagged, thr = self._detect(fnd, s.detach().contiguous(), index, valid,
                                                  labels, all_labels)
-            keep, log_ratio, entry = self._kept(name + "_", valid, total - 1, removed, flagged,
+            keep, log_ratio, _ = self._kept(name + "_", valid, total - 1, removed, flagged,
                                                 thr, truth, s.dtype if clip else None)
-            entries.append(entry)
             del removed, flagged
             if clip:
                 per_row = Fn.kept_info_nce(scale * s, positive, keep, log_ratio)
@@ -682,9 +746,14 @@ class GloFNDClipLoss(_Detector):
                 log_u = self._move_rows_state(u, index, log_g)
                 per_row = Fn.sogclr_surrogate(d, torch.zeros_like(log_g), keep, log_u, tau)
             terms.append(per_row.mean())
-        # both directions as one block of 2B rows: the counts add up, the per-row score counts
-        # are concatenated (the same rows, in the same order, as the two masks concatenated)
-        (_, v0, r0, f0, _, s0), (_, v1, r1, f1, _, s1) = entries
+        self._join_entries()
+        return (terms[0] + terms[1]) / 2
+
+    def _join_entries(self) -> None:
+        """The diagnostics of both directions as one block of 2B rows: the counts add up, the
+        per-row score counts are concatenated (the same rows, in the same order, as the two masks
+        concatenated)."""
+        (_, v0, r0, f0, _, s0), (_, v1, r1, f1, _, s1) = self._pending[-2:]
 
         def join(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
             if a is None:
@@ -694,7 +763,6 @@ class GloFNDClipLoss(_Detector):
         flagged = removed if f0 is r0 and f1 is r1 else join(f0, f1)
         self._pending.append(("", v0 + v1, removed, flagged, None,
                               None if s0 is None else tuple(torch.cat(x) for x in zip(s0, s1))))
-        return (terms[0] + terms[1]) / 2
 
     def extra_repr(self) -> str:
         return self._extra()

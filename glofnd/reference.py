@@ -6,6 +6,7 @@ in the same order as csrc/threshold.c, so on the CPU both give the same bytes.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -112,3 +113,76 @@ def threshold_step(
         pooled_update(index, above, nvalid, lambdas, exp_avg, exp_avg_sq, steps, alpha, lr,
                       beta1, beta2, eps, lo, hi, optimizer, step)
     return mask_rows(sim, index, valid, lambdas)
+
+
+def exclusion_valid(sim: Tensor, exclude: Tensor) -> Tensor:
+    """(R, M) bool: every entry but the columns ``exclude`` (R, k) names in its row (entries
+    outside [0, M) exclude nothing)."""
+    col = torch.arange(sim.shape[1], device=sim.device)
+    out = torch.ones(sim.shape, dtype=torch.bool, device=sim.device)
+    for k in range(exclude.shape[1]):
+        out &= col.unsqueeze(0) != exclude[:, k].unsqueeze(1)
+    return out
+
+
+def info_nce_keep(sim: Tensor, positive: Tensor, own: Optional[Tensor], thr: Optional[Tensor],
+                  removed: Optional[Tensor]) -> Tensor:
+    """(R, M) bool, the kept negatives of :func:`info_nce`: all columns but the positive and
+    ``own`` (entries < 0: none), less the finite entries above ``thr`` (R,) or those flagged in
+    ``removed`` (R, M)."""
+    col = torch.arange(sim.shape[1], device=sim.device).unsqueeze(0)
+    keep = col != positive.unsqueeze(1)
+    if own is not None:
+        keep &= col != own.unsqueeze(1)
+    if thr is not None:
+        keep &= ~((sim > thr.to(sim.dtype).unsqueeze(1)) & (sim != math.inf))
+    if removed is not None:
+        keep &= ~removed
+    return keep
+
+
+def _log_ratio(kept: Tensor, per_row: int, ratio: bool, dtype: torch.dtype) -> Tensor:
+    if not ratio:
+        return torch.zeros(kept.shape, dtype=dtype, device=kept.device)
+    k = torch.log(torch.tensor(float(max(per_row, 1)), dtype=dtype, device=kept.device))
+    rho = k - torch.log(kept.clamp(min=1).to(dtype))
+    return torch.where(kept > 0, rho, torch.zeros_like(rho))
+
+
+def info_nce(sim: Tensor, positive: Tensor, own: Optional[Tensor], thr: Optional[Tensor],
+             removed: Optional[Tensor], scale: Tensor, per_row: int, ratio: bool
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Per-row InfoNCE with the kept negatives M_r of :func:`info_nce_keep` rescaled to K:
+
+    .. math:: ℓ_r = \mathrm{lse}_r − c s_{r p_r},\quad \mathrm{lse}_r = \log\Big(e^{c s_{r p_r}}
+              + \sum_{j∈M_r} e^{c s_{rj} + ρ_r}\Big),\quad ρ_r = \log\frac{K}{|M_r|}
+
+    (ρ_r = 0 without ``ratio`` or without kept negatives). Returns ``(loss, lse, kept)``, each
+    (R,); the semantics of the C kernel ``_C.info_nce_forward``, in plain torch on any device.
+    """
+    keep = info_nce_keep(sim, positive, own, thr, removed)
+    kept = keep.sum(1)
+    logits = scale.to(sim.dtype) * sim
+    rho = _log_ratio(kept, per_row, ratio, sim.dtype)
+    pos = logits.gather(1, positive.unsqueeze(1))
+    neg = torch.where(keep, logits + rho.unsqueeze(1), -math.inf)
+    lse = torch.logsumexp(torch.cat([pos, neg], dim=1), dim=1)
+    return lse - pos.squeeze(1), lse, kept
+
+
+def info_nce_backward(grad: Tensor, sim: Tensor, positive: Tensor, own: Optional[Tensor],
+                      thr: Optional[Tensor], removed: Optional[Tensor], scale: Tensor,
+                      per_row: int, ratio: bool, lse: Tensor, kept: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+    """The gradient of :func:`info_nce` from ``grad`` (R,), that of each row's loss: ``(dsim,
+    dscale_rows)`` with dsim (R, M) = c · dlogits and dscale_rows (R,) = Σ_j dlogits_rj s_rj."""
+    keep = info_nce_keep(sim, positive, own, thr, removed)
+    c = scale.to(sim.dtype)
+    rho = _log_ratio(kept, per_row, ratio, sim.dtype)
+    shift = (lse - rho).unsqueeze(1)
+    g = grad.to(sim.dtype).unsqueeze(1)
+    dl = torch.where(keep, g * torch.exp(c * sim - shift), 0.0)
+    p = positive.unsqueeze(1)
+    dpos = g * (torch.exp(c * sim.gather(1, p) - lse.unsqueeze(1)) - 1)
+    dl = dl.scatter(1, p, dpos)
+    return c * dl, (dl * sim).sum(1)

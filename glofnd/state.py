@@ -214,6 +214,18 @@ class GloFND(nn.Module):
         with self._lock:  # one state, one writer: concurrent calls on it are serialised
             return _ops.threshold_step(*args)
 
+    def _update_excluding(self, sim: Tensor, index: Tensor, exclude: Tensor) -> None:
+        """The λ update of :meth:`step` alone, for the losses: the rows' valid entries are all
+        but the columns ``exclude`` (R, k) int64 names (their own column and positive), and no
+        mask is made. ``sim`` (R, M) float32/float64 and ``index`` (R,) int64 are the losses'
+        own, already checked; one process only (the losses take :meth:`step` otherwise)."""
+        state = self._check_state()
+        step = self.epoch + 1 if self.bias_correction == "epoch" else 0
+        with self._lock:
+            _ops.threshold_update(sim, index, exclude, *state, self.alpha, self.lr,
+                                  self.betas[0], self.betas[1], self.eps, self.clamp[0],
+                                  self.clamp[1], _OPTIMIZERS[self.optimizer], step)
+
     def _multi_process(self) -> bool:
         if self.distributed is None:
             return False

@@ -1,0 +1,246 @@
+/* The fused InfoNCE of the losses: false negatives removed, kept negatives rescaled, forward and
+ * backward in one pass over each row (docs/losses.md, docs/benchmarks.md).
+ *
+ * Row r of the (R, M) similarities s has its positive in column p_r and its excluded columns
+ * (the positive, and in unimodal losses the row's own column); the other entries are its valid
+ * negatives, of which those flagged are removed: entries above the row's threshold (the mask the
+ * threshold step would write, compared on the fly, so that no R x M mask exists) or those of a
+ * given mask. With c the scale, K the valid count, M_r the kept negatives and
+ * rho_r = log(K / |M_r|) (0 without rescaling):
+ *
+ *     loss_r = lse_r - c s_{r p_r},   lse_r = log(e^{c s_{r p_r}} + sum_{j in M_r} e^{c s_rj + rho_r})
+ *
+ * and the gradient of the logits is g_r e^{c s_rj + rho_r - lse_r} on the kept entries,
+ * g_r (e^{c s_{r p_r} - lse_r} - 1) on the positive and 0 elsewhere.
+ *
+ * Each row is read twice (its max, then its exponentials, the second time from L1/L2) in the
+ * forward and once in the backward, which writes the gradient; rows are independent, so OpenMP
+ * splits them and the bytes do not depend on the thread count. */
+#include "glofnd.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Explicit accumulator lanes of the row loops (a multiple of every vector width in floats). */
+#define LOSS_LANES 16
+
+/* Rows per thread below which a second thread costs more than it saves. */
+#define LOSS_MIN_WORK_PER_THREAD ((int64_t)1 << 15)
+
+/* exp(x) for float32 without branches or libm calls, so that the loops vectorise: Cody-Waite
+ * reduction x = n ln2 + r, |r| <= ln2/2, the degree-7 polynomial of Cephes' expf for e^r, and
+ * 2^n built from the exponent bits. Relative error below 2 ulp over [-87.3, 88.7]; below that
+ * the result is 0 (e^x underflows float32's normal range), above it +inf, NaN stays NaN. */
+static inline float exp_f32(float x)
+{
+    const float xc = x < -87.33654f ? -87.33654f : (x > 88.7f ? 88.7f : x);
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const float k = xc * 1.44269504088896341f + magic;
+    const float n = k - magic;
+    const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = (p * (r * r) + r) + 1.0f;
+    uint32_t kb, sb;
+    memcpy(&kb, &k, sizeof kb);
+    sb = (kb - 0x4B400000u + 127u) << 23; /* the biased exponent of 2^n */
+    float scale;
+    memcpy(&scale, &sb, sizeof scale);
+    float y = p * scale;
+    y = x < -87.33654f ? 0.0f : y;
+    y = x > 88.7f ? INFINITY : y;
+    return x != x ? x : y;
+}
+
+#define EXP_F32(x) exp_f32(x)
+#define EXP_F64(x) exp(x)
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(GLOFND_NO_DISPATCH)
+#define LOSS_X86_DISPATCH 1
+#endif
+
+#define T float
+#define EXP_T EXP_F32
+#define EXP1_T EXP_F32
+#define LOG_T logf
+#define ISA_ATTR
+#define SUF f32_base
+#include "loss_impl.h"
+#undef SUF
+#undef ISA_ATTR
+#ifdef LOSS_X86_DISPATCH
+#define ISA_ATTR __attribute__((target("avx2")))
+#define SUF f32_avx2
+#include "loss_impl.h"
+#undef SUF
+#undef ISA_ATTR
+#if defined(__clang__)
+#define ISA_ATTR __attribute__((target("avx512f,avx512bw,avx512vl")))
+#else
+#define ISA_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512")))
+#endif
+/* AVX-512: the float loops in vector extensions (loss_vec.h), which the compiler does not
+ * derive from the scalar loops (their selects and maxima stay scalar); narrower instruction
+ * sets lower those 16-lane vectors badly and keep the scalar loops. The lanes are the same, so
+ * are the bytes. */
+#define LOSS_VECTOR 1
+#define SUF f32_avx512
+#include "loss_impl.h"
+#undef LOSS_VECTOR
+#undef SUF
+#undef ISA_ATTR
+#endif
+#undef LOG_T
+#undef EXP1_T
+#undef EXP_T
+#undef T
+#undef LOSS_VECTOR
+
+#define T double
+#define EXP_T EXP_F64
+#define EXP1_T EXP_F64
+#define LOG_T log
+#define ISA_ATTR
+#define SUF f64_base
+#include "loss_impl.h"
+#undef SUF
+#undef ISA_ATTR
+#undef LOG_T
+#undef EXP1_T
+#undef EXP_T
+#undef T
+
+typedef void (*fwd_f32_fn)(const float *, float, const glofnd_rows *, int64_t, float *, float *,
+                           int64_t *);
+typedef void (*bwd_f32_fn)(const float *, float, const glofnd_rows *, int64_t, const float *,
+                           const float *, const int64_t *, float *, float *);
+
+static fwd_f32_fn fwd_f32(void)
+{
+    switch (glofnd_isa()) {
+#ifdef LOSS_X86_DISPATCH
+    case GLOFND_ISA_AVX512:
+        return fwd_row_f32_avx512;
+    case GLOFND_ISA_AVX2:
+        return fwd_row_f32_avx2;
+#endif
+    default:
+        return fwd_row_f32_base;
+    }
+}
+
+static bwd_f32_fn bwd_f32(void)
+{
+    switch (glofnd_isa()) {
+#ifdef LOSS_X86_DISPATCH
+    case GLOFND_ISA_AVX512:
+        return bwd_row_f32_avx512;
+    case GLOFND_ISA_AVX2:
+        return bwd_row_f32_avx2;
+#endif
+    default:
+        return bwd_row_f32_base;
+    }
+}
+
+static int check_rows(const glofnd_rows *b)
+{
+    if (b == NULL || b->rows < 0 || b->cols < 0 || (b->rows > 0 && b->positive == NULL) ||
+        (b->thr != NULL && b->removed != NULL) || b->per_row < 0)
+        return GLOFND_EINVAL;
+    for (int64_t r = 0; r < b->rows; ++r) {
+        if (b->positive[r] < 0 || b->positive[r] >= b->cols)
+            return GLOFND_EINDEX;
+        if (b->own != NULL && b->own[r] >= b->cols)
+            return GLOFND_EINDEX;
+    }
+    return GLOFND_OK;
+}
+
+static int threads_for_rows(const glofnd_rows *b)
+{
+    int nt = b->num_threads < 1 ? 1 : b->num_threads;
+    const int64_t work = b->rows * b->cols;
+    if (work / LOSS_MIN_WORK_PER_THREAD < nt)
+        nt = (int)(work / LOSS_MIN_WORK_PER_THREAD > 1 ? work / LOSS_MIN_WORK_PER_THREAD : 1);
+    if (nt > b->rows)
+        nt = b->rows > 1 ? (int)b->rows : 1;
+    return nt;
+}
+
+int glofnd_info_nce_fwd_f32(const float *sim, float scale, const glofnd_rows *b, float *loss,
+                            float *lse, int64_t *kept)
+{
+    const int status = check_rows(b);
+    if (status != GLOFND_OK)
+        return status;
+    const fwd_f32_fn fn = fwd_f32();
+    const int nt = threads_for_rows(b);
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+    for (int64_t r = 0; r < b->rows; ++r)
+        fn(sim, scale, b, r, loss, lse, kept);
+    return GLOFND_OK;
+}
+
+int glofnd_info_nce_bwd_f32(const float *sim, float scale, const glofnd_rows *b,
+                            const float *grad, const float *lse, const int64_t *kept,
+                            float *dsim, float *dscale)
+{
+    const int status = check_rows(b);
+    if (status != GLOFND_OK)
+        return status;
+    const bwd_f32_fn fn = bwd_f32();
+    const int nt = threads_for_rows(b);
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+    for (int64_t r = 0; r < b->rows; ++r)
+        fn(sim, scale, b, r, grad, lse, kept, dsim, dscale);
+    return GLOFND_OK;
+}
+
+int glofnd_info_nce_fwd_f64(const double *sim, double scale, const glofnd_rows *b, double *loss,
+                            double *lse, int64_t *kept)
+{
+    const int status = check_rows(b);
+    if (status != GLOFND_OK)
+        return status;
+    const int nt = threads_for_rows(b);
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+    for (int64_t r = 0; r < b->rows; ++r)
+        fwd_row_f64_base(sim, scale, b, r, loss, lse, kept);
+    return GLOFND_OK;
+}
+
+int glofnd_info_nce_bwd_f64(const double *sim, double scale, const glofnd_rows *b,
+                            const double *grad, const double *lse, const int64_t *kept,
+                            double *dsim, double *dscale)
+{
+    const int status = check_rows(b);
+    if (status != GLOFND_OK)
+        return status;
+    const int nt = threads_for_rows(b);
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+    for (int64_t r = 0; r < b->rows; ++r)
+        bwd_row_f64_base(sim, scale, b, r, grad, lse, kept, dsim, dscale);
+    return GLOFND_OK;
+}

@@ -1,0 +1,264 @@
+/* Row kernels of the fused InfoNCE, instantiated by loss.c once per similarity type and
+ * instruction set. Expects T, SUF, ISA_ATTR and EXP_T (an exp of T without branches) to be
+ * defined; no include guard on purpose.
+ *
+ * The loops run over contiguous spans of a row (the excluded columns split a row into up to
+ * three spans) with LOSS_LANES explicit accumulators, so that the compiler vectorises them
+ * without reassociating anything: every instruction set adds the same numbers in the same order
+ * and gives the same bytes. */
+
+#define LOSS_CAT_(a, b) a##_##b
+#define LOSS_CAT(a, b) LOSS_CAT_(a, b)
+#define FN(name) LOSS_CAT(name, SUF)
+
+/* Whether entry x (its removed flag r) is kept: mode 0 keeps all, mode 1 drops finite entries
+ * above thr (the threshold step's flags), mode 2 drops the entries flagged in `removed`. */
+#define LOSS_KEEP(mode, x, thr, r) \
+    ((mode) == 0 ? 1 : (mode) == 1 ? !(((x) > (thr)) & ((x) != (T)INFINITY)) : !(r))
+
+#ifndef LOSS_BY_MODE
+/* Runs stmt with MODE a literal 0, 1 or 2, so that each span loop is compiled per mode without
+ * branches inside (the loops vectorise only then). */
+#define LOSS_BY_MODE(mode, stmt)                                                                \
+    do {                                                                                        \
+        if ((mode) == 0) {                                                                      \
+            enum { MODE = 0 };                                                                  \
+            stmt;                                                                               \
+        } else if ((mode) == 1) {                                                               \
+            enum { MODE = 1 };                                                                  \
+            stmt;                                                                               \
+        } else {                                                                                \
+            enum { MODE = 2 };                                                                  \
+            stmt;                                                                               \
+        }                                                                                       \
+    } while (0)
+#if defined(__GNUC__) || defined(__clang__)
+#define LOSS_INLINE static inline __attribute__((always_inline))
+#else
+#define LOSS_INLINE static inline
+#endif
+#endif
+
+#ifdef LOSS_VECTOR
+#include "loss_vec.h"
+#endif
+
+/* Max of c*x over the kept entries of a span, and their count. */
+ISA_ATTR LOSS_INLINE void FN(span_max)(const T *restrict x, const uint8_t *restrict rem,
+                                         int64_t n, int mode, T thr, T c, T *mx, int64_t *cnt)
+{
+    T m[LOSS_LANES];
+    int32_t k[LOSS_LANES];
+    for (int l = 0; l < LOSS_LANES; ++l) {
+        m[l] = -(T)INFINITY;
+        k[l] = 0;
+    }
+    int64_t j = 0;
+#ifdef LOSS_VECTOR
+    j = FN(vspan_max)(x, rem, n, mode, thr, c, mx, cnt);
+#endif
+    for (; j + LOSS_LANES <= n; j += LOSS_LANES) {
+        for (int l = 0; l < LOSS_LANES; ++l) {
+            const T v = x[j + l];
+            const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j + l] : 0);
+            const T y = keep ? c * v : -(T)INFINITY;
+            m[l] = y > m[l] ? y : m[l];
+            k[l] += keep;
+        }
+        if ((j & 0xFFFF) == 0xFFF0) { /* 32-bit lane counters: flush long rows */
+            for (int l = 0; l < LOSS_LANES; ++l) {
+                *cnt += k[l];
+                k[l] = 0;
+            }
+        }
+    }
+    for (; j < n; ++j) {
+        const T v = x[j];
+        const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
+        const T y = keep ? c * v : -(T)INFINITY;
+        m[0] = y > m[0] ? y : m[0];
+        k[0] += keep;
+    }
+    T out = *mx;
+    for (int l = 0; l < LOSS_LANES; ++l) {
+        out = m[l] > out ? m[l] : out;
+        *cnt += k[l];
+    }
+    *mx = out;
+}
+
+/* Sum of exp(c*x - shift) over the kept entries of a span, into lane sums acc. */
+ISA_ATTR LOSS_INLINE void FN(span_sum)(const T *restrict x, const uint8_t *restrict rem,
+                                         int64_t n, int mode, T thr, T c, T shift,
+                                         T *restrict acc)
+{
+    int64_t j = 0;
+#ifdef LOSS_VECTOR
+    j = FN(vspan_sum)(x, rem, n, mode, thr, c, shift, acc);
+#endif
+    for (; j + LOSS_LANES <= n; j += LOSS_LANES) {
+        for (int l = 0; l < LOSS_LANES; ++l) {
+            const T v = x[j + l];
+            const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j + l] : 0);
+            const T e = EXP_T(c * v - shift);
+            acc[l] += keep ? e : (T)0;
+        }
+    }
+    for (; j < n; ++j) {
+        const T v = x[j];
+        const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
+        const T e = EXP_T(c * v - shift);
+        acc[0] += keep ? e : (T)0;
+    }
+}
+
+/* The gradient of a span: e = keep ? g * exp(c*x - shift) : 0 (the logits' gradient), out = c * e
+ * (the similarities'), and the sum of e * x into acc (the scale's) when acc is not NULL. */
+ISA_ATTR LOSS_INLINE void FN(span_grad)(const T *restrict x, const uint8_t *restrict rem,
+                                          int64_t n, int mode, T thr, T c, T shift, T g,
+                                          T *restrict out, T *restrict acc)
+{
+    int64_t j = 0;
+#ifdef LOSS_VECTOR
+    j = FN(vspan_grad)(x, rem, n, mode, thr, c, shift, g, out, acc);
+#endif
+    if (acc == NULL) {
+        for (; j < n; ++j) {
+            const T v = x[j];
+            const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
+            const T e = keep ? g * EXP_T(c * v - shift) : (T)0;
+            out[j] = c * e;
+        }
+        return;
+    }
+    for (; j + LOSS_LANES <= n; j += LOSS_LANES) {
+        for (int l = 0; l < LOSS_LANES; ++l) {
+            const T v = x[j + l];
+            const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j + l] : 0);
+            const T e = keep ? g * EXP_T(c * v - shift) : (T)0;
+            out[j + l] = c * e;
+            acc[l] += e * v;
+        }
+    }
+    for (; j < n; ++j) {
+        const T v = x[j];
+        const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
+        const T e = keep ? g * EXP_T(c * v - shift) : (T)0;
+        out[j] = c * e;
+        acc[0] += e * v;
+    }
+}
+
+/* The spans of row r between its excluded columns: up to three [lo, hi) pairs. */
+static inline int FN(spans)(const glofnd_rows *b, int64_t r, int64_t lo[3], int64_t hi[3])
+{
+    int64_t e0 = b->positive[r], e1 = b->own != NULL ? b->own[r] : -1;
+    if (e1 < 0 || e1 == e0)
+        e1 = e0;
+    if (e1 < e0) {
+        const int64_t t = e0;
+        e0 = e1;
+        e1 = t;
+    }
+    int n = 0;
+    lo[n] = 0;
+    hi[n++] = e0;
+    if (e1 != e0) {
+        lo[n] = e0 + 1;
+        hi[n++] = e1;
+    }
+    lo[n] = e1 + 1;
+    hi[n++] = b->cols;
+    return n;
+}
+
+/* The count ratio log(K/|M_r|) of a row with `cnt` kept negatives (0 when not rescaled). */
+static inline T FN(log_ratio)(const glofnd_rows *b, int64_t cnt)
+{
+    if (!b->ratio || cnt <= 0)
+        return (T)0;
+    return LOG_T((T)(b->per_row > 1 ? b->per_row : 1)) - LOG_T((T)cnt);
+}
+
+/* One row of the forward pass: the loss -log(e^P / (e^P + K/|M| sum_kept e^{c s})), the
+ * row's log-sum-exp (the backward's input) and its kept count. */
+ISA_ATTR static void FN(fwd_row)(const T *sim, T c, const glofnd_rows *b, int64_t r, T *loss,
+                                 T *lse_out, int64_t *kept)
+{
+    const int64_t M = b->cols;
+    const T *s = sim + r * M;
+    const uint8_t *rem = b->removed != NULL ? b->removed + r * M : NULL;
+    const int mode = b->thr != NULL ? 1 : rem != NULL ? 2 : 0;
+    const T thr = b->thr != NULL ? (T)b->thr[r] : (T)0;
+    int64_t lo[3], hi[3];
+    const int ns = FN(spans)(b, r, lo, hi);
+    T mx = -(T)INFINITY;
+    int64_t cnt = 0;
+    for (int k = 0; k < ns; ++k)
+        LOSS_BY_MODE(mode, FN(span_max)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
+                                        hi[k] - lo[k], MODE, thr, c, &mx, &cnt));
+    const T pos = c * s[b->positive[r]];
+    const T stab = mx > -(T)INFINITY ? mx : (T)0;
+    T acc[LOSS_LANES];
+    for (int l = 0; l < LOSS_LANES; ++l)
+        acc[l] = 0;
+    if (cnt > 0)
+        for (int k = 0; k < ns; ++k)
+            LOSS_BY_MODE(mode, FN(span_sum)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
+                                            hi[k] - lo[k], MODE, thr, c, stab, acc));
+    T sum = 0;
+    for (int l = 0; l < LOSS_LANES; ++l)
+        sum += acc[l];
+    const T rho = FN(log_ratio)(b, cnt);
+    T lse = pos;
+    if (sum != sum) {
+        lse = sum; /* a kept NaN */
+    } else if (cnt > 0 && mx > -(T)INFINITY) {
+        const T top = stab + rho;
+        const T big = pos > top ? pos : top;
+        lse = big + LOG_T(EXP1_T(pos - big) + EXP1_T(top - big) * sum);
+    }
+    loss[r] = lse - pos;
+    lse_out[r] = lse;
+    kept[r] = cnt;
+}
+
+/* One row of the backward pass: row r of dsim = c * dlogits, and the row's share of the
+ * scale's gradient, sum_j dlogits_j * s_j (when dscale is not NULL). */
+ISA_ATTR static void FN(bwd_row)(const T *sim, T c, const glofnd_rows *b, int64_t r,
+                                 const T *grad, const T *lse, const int64_t *kept, T *dsim,
+                                 T *dscale)
+{
+    const int64_t M = b->cols;
+    const T *s = sim + r * M;
+    const uint8_t *rem = b->removed != NULL ? b->removed + r * M : NULL;
+    const int mode = b->thr != NULL ? 1 : rem != NULL ? 2 : 0;
+    const T thr = b->thr != NULL ? (T)b->thr[r] : (T)0;
+    T *out = dsim + r * M;
+    int64_t lo[3], hi[3];
+    const int ns = FN(spans)(b, r, lo, hi);
+    const T g = grad[r];
+    const T shift = lse[r] - FN(log_ratio)(b, kept[r]);
+    T acc[LOSS_LANES];
+    for (int l = 0; l < LOSS_LANES; ++l)
+        acc[l] = 0;
+    for (int k = 0; k < ns; ++k)
+        LOSS_BY_MODE(mode, FN(span_grad)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
+                                         hi[k] - lo[k], MODE, thr, c, shift, g, out + lo[k],
+                                         dscale != NULL ? acc : NULL));
+    for (int k = 0; k + 1 < ns; ++k)
+        out[hi[k]] = 0; /* the excluded columns */
+    const int64_t p = b->positive[r];
+    const T dp = g * (EXP1_T(c * s[p] - lse[r]) - (T)1);
+    out[p] = c * dp;
+    if (dscale != NULL) {
+        T sum = 0;
+        for (int l = 0; l < LOSS_LANES; ++l)
+            sum += acc[l];
+        dscale[r] = sum + dp * s[p];
+    }
+}
+
+#undef FN
+#undef LOSS_CAT
+#undef LOSS_CAT_
