@@ -1,0 +1,219 @@
+"""The fused kernels of the losses: the InfoNCE forward and backward (csrc/loss.c) against a
+float64 formula written here and against the torch reference, and the λ update without a mask
+(excluded columns) against the reference step with the same validity as a mask, bit for bit."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from glofnd import _ops, reference
+
+from helpers import clone_state, random_state
+
+needs_c = pytest.mark.skipif(_ops._C is None, reason="C extension not built")
+
+
+def formula(sim, positive, own, thr, removed, scale, per_row, ratio):
+    """Row by row in float64 with Python floats: the loss -log(e^P / (e^P + K/|M| Σ_M e^{cs}))."""
+    out, kept_all = [], []
+    s = sim.double().tolist()
+    for r, row in enumerate(s):
+        kept = []
+        for j, x in enumerate(row):
+            if j == int(positive[r]) or (own is not None and j == int(own[r])):
+                continue
+            if thr is not None and x > float(thr[r]) and x != math.inf:
+                continue
+            if removed is not None and bool(removed[r, j]):
+                continue
+            kept.append(x)
+        p = scale * row[int(positive[r])]
+        rho = math.log(max(per_row, 1) / len(kept)) if ratio and kept else 0.0
+        terms = [p] + [scale * x + rho for x in kept]
+        big = max(terms)
+        out.append(big + math.log(sum(math.exp(t - big) for t in terms)) - p)
+        kept_all.append(len(kept))
+    return torch.tensor(out, dtype=torch.float64), torch.tensor(kept_all)
+
+
+def case(rows, cols, mode, seed, dtype=torch.float32, unimodal=True):
+    g = torch.Generator().manual_seed(seed)
+    sim = (torch.rand(rows, cols, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    positive = torch.randint(0, cols, (rows,), generator=g)
+    own = torch.randint(-1, cols, (rows,), generator=g) if unimodal else None
+    thr = removed = None
+    if mode == "thr":
+        thr = (torch.rand(rows, generator=g) * 1.4 - 0.4).float()
+    elif mode == "removed":
+        removed = torch.rand(rows, cols, generator=g) < 0.3
+    return sim, positive, own, thr, removed
+
+
+SIZES = [(1, 2), (3, 17), (16, 16), (33, 70), (64, 300)]
+MODES = ["none", "thr", "removed"]
+
+
+@needs_c
+@pytest.mark.parametrize("rows,cols", SIZES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("unimodal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_equals_float64_formula(rows, cols, mode, unimodal, dtype):
+    sim, positive, own, thr, removed = case(rows, cols, mode, rows * cols, dtype, unimodal)
+    ratio = mode != "none"
+    scale = torch.tensor(7.5, dtype=dtype)
+    loss, lse, kept = _ops.info_nce(sim, positive, own, thr, removed, scale, cols - 2, ratio)
+    want, want_kept = formula(sim, positive, own, thr, removed, 7.5, cols - 2, ratio)
+    assert torch.equal(kept, want_kept)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12  # relative, on values of order 1-10
+    torch.testing.assert_close(loss.double(), want, rtol=tol, atol=tol)
+    assert loss.dtype == dtype and lse.dtype == dtype
+
+
+@needs_c
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("unimodal", [True, False])
+def test_gradients_equal_the_reference_and_gradcheck(mode, unimodal):
+    sim, positive, own, thr, removed = case(24, 50, mode, 3, torch.float64, unimodal)
+    ratio = mode != "none"
+    grads = []
+    for backend in ("c", "reference"):
+        s = sim.clone().requires_grad_()
+        c = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+        with _ops.use_backend(backend):
+            loss = _ops.info_nce(s, positive, own, thr, removed, c, 48, ratio)[0]
+            (loss * torch.linspace(0.5, 1.5, 24, dtype=torch.float64)).sum().backward()
+        grads.append((s.grad, c.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-12)
+    s = sim.clone().requires_grad_()
+    c = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: _ops.info_nce(a, positive, own, thr, removed, b, 48, ratio)[0], (s, c))
+
+
+@needs_c
+def test_float32_gradients_match_float64():
+    sim, positive, own, thr, _ = case(64, 300, "thr", 5)
+    out = []
+    for dtype in (torch.float32, torch.float64):
+        s = sim.to(dtype).detach().clone().requires_grad_()
+        c = torch.tensor(10.0, dtype=dtype, requires_grad=True)
+        _ops.info_nce(s, positive, own, thr, None, c, 298, True)[0].mean().backward()
+        out.append((s.grad.double(), c.grad.double()))
+    # gradients up to 1/R = 0.016: float32 rounding of c·s (c = 10) moves them by < 1e-7
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-4, atol=1e-6)
+
+
+@needs_c
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_same_bytes_for_every_thread_count_and_instruction_set(isa):
+    if isa != "base" and isa != _ops._C.isa() and not _isa_available(isa):
+        pytest.skip(f"{isa} not available")
+    sim, positive, own, _, removed = case(300, 333, "removed", 9)
+    grad = torch.rand(300)
+    ref = _run(sim, positive, own, removed, grad, None, 1)
+    try:
+        for threads in (1, 2, 4):
+            got = _run(sim, positive, own, removed, grad, isa, threads)
+            for a, b in zip(got, ref):
+                assert torch.equal(a, b)
+    finally:
+        _ops._C.set_isa(None)
+
+
+def _isa_available(isa):
+    try:
+        _ops._C.set_isa(isa)
+        return True
+    except ValueError:
+        return False
+    finally:
+        _ops._C.set_isa(None)
+
+
+def _run(sim, positive, own, removed, grad, isa, threads):
+    if isa is not None:
+        _ops._C.set_isa(isa)
+    n = sim.numpy()
+    loss, lse, kept = _ops._C.info_nce_forward(n, positive.numpy(), own.numpy(), None,
+                                               removed.numpy(), 3.0, 331, True, threads)
+    dsim, dscale = _ops._C.info_nce_backward(grad.numpy(), n, positive.numpy(), own.numpy(),
+                                             None, removed.numpy(), 3.0, 331, True, lse, kept,
+                                             True, threads)
+    return [torch.from_numpy(x) for x in (loss, lse, kept, dsim, dscale)]
+
+
+@needs_c
+def test_edge_rows():
+    """A row with every negative removed has loss 0; a kept NaN makes its row NaN and no other;
+    the excluded columns get no gradient (a NaN row's gradient is NaN even where its weight is 0,
+    as torch's logsumexp gives)."""
+    sim = torch.tensor([[0.9, 0.5, 0.4, 0.3], [0.2, 0.9, float("nan"), 0.1],
+                        [0.1, 0.2, 0.9, 0.3]])
+    positive = torch.tensor([0, 1, 2])
+    own = torch.tensor([3, -1, 0])
+    thr = torch.tensor([0.0, 0.95, 0.95])
+    s = sim.clone().requires_grad_()
+    loss, lse, kept = _ops.info_nce(s, positive, own, thr, None, torch.tensor(2.0), 2, True)
+    assert loss[0].item() == 0 and kept.tolist() == [0, 3, 2]
+    assert math.isnan(loss[1].item()) and not math.isnan(loss[2].item())
+    loss[2].backward()
+    assert s.grad[2, 0] == 0 and s.grad[2, 2] < 0 and (s.grad[0] == 0).all()
+
+
+@needs_c
+@pytest.mark.parametrize("bad,exc,name", [
+    ({"sim": np.zeros((2, 3), np.float16)}, TypeError, "sim"),
+    ({"sim": np.zeros((3, 2), np.float32).T}, ValueError, "sim"),
+    ({"positive": np.zeros(2, np.int32)}, TypeError, "positive"),
+    ({"positive": np.zeros(3, np.int64)}, ValueError, "positive"),
+    ({"positive": np.array([0, 3])}, IndexError, "positive"),
+    ({"own": np.array([0, 5])}, IndexError, "own"),
+    ({"thr": np.zeros(2, np.float64)}, TypeError, "thr"),
+    ({"removed": np.zeros((2, 2), bool)}, ValueError, "removed"),
+])
+def test_binding_rejects_bad_arrays(bad, exc, name):
+    args = {"sim": np.zeros((2, 3), np.float32), "positive": np.array([0, 1]), "own": None,
+            "thr": None, "removed": None}
+    args.update(bad)
+    with pytest.raises(exc, match=name):
+        _ops._C.info_nce_forward(args["sim"], args["positive"], args["own"], args["thr"],
+                                 args["removed"], 1.0, 2, True, 1)
+
+
+def test_fake_kernel_traces_under_compile():
+    sim, positive, own, thr, _ = case(8, 8, "thr", 1)
+    f = torch.compile(lambda s, c: _ops.info_nce(s, positive, own, thr, None, c, 6, True)[0],
+                      backend="eager", fullgraph=True)
+    c = torch.tensor(2.0)
+    torch.testing.assert_close(f(sim, c), _ops.info_nce(sim, positive, own, thr, None, c, 6,
+                                                         True)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 2])
+def test_update_with_exclusions_equals_the_step_with_a_validity_mask(backend, dtype, k):
+    """threshold_update(exclude) leaves the state bit-identical to threshold_step with the same
+    exclusions given as a validity mask (own columns outside [0, M) and repeats exclude nothing
+    more), on either backend, non-finite entries included."""
+    g = torch.Generator().manual_seed(k)
+    rows, cols, n = 40, 37, 25
+    sim = (torch.rand(rows, cols, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+    sim[3, 5] = float("nan")
+    sim[4, :] = float("inf")
+    index = torch.randint(0, n, (rows,), generator=g)
+    exclude = torch.randint(-2, cols + 2, (rows, k), generator=g)
+    exclude[0] = 4  # a repeated column
+    state = random_state(n, seed=k)
+    a, b = clone_state(state), clone_state(state)
+    args = (0.1, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, 0, 0)
+    _ops.threshold_update(sim, index, exclude, *a.values(), *args)
+    valid = reference.exclusion_valid(sim, exclude)
+    with _ops.use_backend("reference"):
+        _ops.threshold_step(sim, index, valid, *b.values(), *args, True)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["lambdas"], state["lambdas"])
