@@ -535,54 +535,37 @@ def section_c(cfg) -> list[str]:
     return lines
 
 
-LOSS_NOTES = """Where the overhead goes (1 thread; torch.profiler, timers around the calls \
-inside the loss step, and the same calls timed alone):
+LOSS_NOTES = """How the loss step runs on the CPU (SimCLR and CLIP; `glofnd._ops.info_nce`, \
+csrc/loss.c): the InfoNCE of each block of rows is one C kernel, forward and backward, for \
+`method='none'` and `method='glofnd'` alike. The forward reads each row twice (its maximum, then \
+its exponentials, from L1/L2 the second time), the backward once, writing the gradient; the kept \
+negatives are decided entry by entry from the excluded columns (the row's own and its positive, \
+given by index) and, with GloFND, from the row's new λ. Before the loss, GloFND's update runs \
+alone (`want_mask=False`, the same excluded columns): no R x M mask, validity mask or float \
+temporary is made by either variant. What GloFND adds is the update pass over the \
+similarities (its counts and the Adam step of the batch's samples), one comparison per entry \
+in the loss kernel, and the Python of the update call (checks, dispatch, NumPy views: about \
+10-15 µs per call, two calls for CLIP). SogCLR keeps the torch formula (its surrogate is not \
+fused), as do labels (the precision/recall diagnostics need the mask), other devices and \
+`use_backend('reference')`.
 
-- The threshold step itself. Inside the loss step it costs 2-4x what the same call costs in a \
-tight loop (512 x 512 with the loss's mask: 45 µs for `_C.step` and 67 µs for `GloFND.step` in \
-a loop, 150-220 µs inside the step): the loss's other passes over R x M arrays evict the \
-similarity matrix, the state lines of the batch's samples and the code of the call from the \
-caches of this shared machine (after a 64 MiB write, the same call takes 150 µs standalone).
-- A fixed cost per call of the Python path: GloFND.step's checks, the torch.library dispatch, \
-the NumPy wrapping, building the kept mask, the count ratio. Measured at B = 8, where it is all \
-there is: 130 µs per step for simclr and sogclr, 210 µs for CLIP (two directions), in the loss \
-(down from 200 and 320 µs). Calling the op's CPU implementation directly instead of through the \
-dispatcher saves another 20 µs per call (measured), but was not done: the dispatcher is what \
-keeps torch.compile, fake tensors and dispatch modes working.
-- `torch.where` with the kept mask: torch's CPU `where`/`masked_fill` kernels branch on every \
-element, so a mask with ~1% scattered removals costs about 20% more than the near-uniform \
-validity mask of `method='none'` (512 x 512: 128 µs against 107 µs; a 50% random mask costs \
-870 µs), once in the forward and once in the backward.
-- One extra pass over the R x M logits: the count ratio log(K/|M_r|) added to the kept ones.
+The fused kernel computes exp with its own vectorised polynomial (Cephes' expf, < 2 ulp) and \
+sums in 16 fixed lanes, so its values differ from torch's logsumexp by float32 rounding \
+(tests: rtol 1e-5 on the loss against a float64 formula), are the same for every thread \
+count and instruction set, and make the base loss itself faster than torch's: compare the \
+`none` column with the previous run below.
 
-What was taken off the hot path (no result changed: values, gradients, state and diagnostics \
-are byte-identical to before, checked over all methods and bases):
-
-- Counting the masks: a bool `.sum()` copies the whole mask to int64 first (8 bytes per entry, \
-13 ms for 2048 x 2048 on one core); the losses did that up to five times per step. \
-`functional.count` now sums 128-byte uint8 partials (no copy; 0.15 ms), and the valid count K \
-is known from how the losses build the mask.
-- R x M temporaries: `valid & ~removed` (two new masks) is one `gt` written over the method's \
-mask; the count ratio is added in place, outside autograd; `where` takes scalar fills.
-- Diagnostics: `last_stats` keeps counts and thresholds as tensors and computes the shares, \
-means and extremes when it is read (nothing per step beyond the counts).
-- CLIP's combined diagnostics add the two directions' counts instead of concatenating the masks.
-- The text direction's `.contiguous()` copy of the transposed similarity stays: the C kernel \
-reads strided rows, but a column-strided read is slower than the copy (B = 256: 129 µs for \
-the step on the transposed view, 42 µs for copy and step; B = 1024: 3185 µs against 714 µs).
-- Not tried: fusing the masked exponential sums into C with autograd (the overhead left is \
-mostly the threshold step's own cost in a cold cache and per-call fixed costs, not the \
-exponentials).
-
-Before these changes (the same section, 1 thread, on the code of commit 0906d34, run on the \
-same machine the same hour): simclr +31% (B = 256) and +64% (B = 1024), sogclr +13% and +10%, clip \
-+34% and +27%.
+Before this kernel (the same section on the code of commit 4fb6fe6, 1 thread, CPU time, same \
+machine, 2026-11-27 00:14 UTC): none / glofnd µs and overhead: simclr 3682 / 4228 (+14.8%) at \
+B = 256 and 60233 / 61975 (+2.9%) at B = 1024; sogclr 3959 / 4314 (+9.0%) and 73314 / 78945 \
+(+7.7%); clip 1481 / 1816 (+22.7%) and 25216 / 26774 (+6.2%). There the loss was torch's \
+where/cat/logsumexp over the kept mask, whose CPU kernels branch on every element of a \
+scattered mask, and the threshold step wrote the mask for it.
 
 Synthetic features: the second view is the first plus 1.5 x N(0, 1) noise (positives at cosine \
 ~0.55). With much closer positives (cosine ~0.9) and CLIP's logit scale 100, exp(s - max) \
-underflows into float32 subnormals and every variant's step costs ~3x as much (CLIP, B = 256: \
-5 ms instead of 1.6 ms), which would make the overhead ratio look smaller than it is.""".split(
-    "\n\n")
+underflows into float32 subnormals in torch's path and every variant's step costs ~3x as much, \
+which would make the overhead ratio look smaller than it is.""".split("\n\n")
 
 
 def _status_kib() -> dict[str, int]:
@@ -694,8 +677,8 @@ def section_e(cfg) -> list[str]:
             "- torch: the peak of the running sum of the allocation and free events that "
             "`torch.profiler.profile(profile_memory=True)` records for the torch CPU allocator. "
             "Exact to the byte for torch tensors, but blind to memory allocated outside torch: "
-            "the threshold step's mask and counts are allocated by the C extension through "
-            "NumPy and wrapped with `torch.from_numpy`, so this column leaves them out.",
+            "what the C extension allocates through NumPy (the threshold step's mask, the "
+            "fused loss's outputs and gradient), wrapped with `torch.from_numpy`, is left out.",
             "",
         ]
     rows = []
@@ -738,17 +721,16 @@ def section_e(cfg) -> list[str]:
     return lines
 
 
-MEMORY_NOTES = """What the extra is: the mask the threshold step returns, reused in place as the \
-kept mask, which `torch.where` keeps for the backward (`method='none'` keeps the validity mask \
-it shares with the rest of the step). CLIP has one such mask per direction, both alive in the \
-backward: its extra is the two B x B masks, i.e. 2x one direction's R x M. At B = 256 the masks \
-are 0.06-0.25 MiB and the RSS figure is within the granularity of the heap (allocations under \
-64 KiB come from glibc's heap, which grows and shrinks in steps of 128 KiB and more). Before \
-these changes (same section, code of commit 0906d34): extra = 2.0x the mask for simclr and \
-sogclr at B = 1024 (the keep mask and an R x M float32 temporary from adding the count ratio), \
-8.0 MiB for CLIP at B = 1024 (4x its two masks: the int64 copies of the bool sums and the \
-concatenated masks of the diagnostics); and `method='none'` itself needed 87 MiB instead of 71 \
-for sogclr and 38 MiB instead of 29 for CLIP at B = 1024 (the int64 copies of the bool sums)."""
+MEMORY_NOTES = """What the extra is: with the fused InfoNCE (SimCLR and CLIP on the CPU) \
+GloFND makes no R x M array at all: the update writes the batch's state entries, the loss \
+kernel compares each similarity with its row's λ (an (R,) vector) as it reads it, and the \
+backward recomputes the same comparison. The extra is then within the granularity of the heap \
+(allocations under 64 KiB come from glibc's heap, which grows and shrinks in steps of 128 KiB \
+and more) and may come out negative. SogCLR keeps the torch path: its extra is the mask the \
+threshold step returns, reused in place as the kept mask that `torch.where` keeps for the \
+backward (`method='none'` keeps the validity mask it shares with the rest of the step). Before \
+the fused kernel (commit 4fb6fe6): extra = 0.89-1.00x the mask for simclr and sogclr, and \
+0.99-1.03x the two masks for CLIP."""
 
 
 # ----------------------------------------------------------------------------------- output
