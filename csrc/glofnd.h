@@ -99,6 +99,27 @@ int glofnd_info_nce_bwd_f64(const double *sim, double scale, const glofnd_rows *
                             const double *grad, const double *lse, const int64_t *kept,
                             double *dsim, double *dscale);
 
+/* SogCLR (loss.c), with o_r = s_{r p_r} when shift, else 0, and y_rj = scale * (s_rj - o_r):
+ * lme: out_r = log(mean over the kept j of e^{y_rj}) (-inf without kept entries), kept_r = |M_r|;
+ * fwd: loss_r = -[pos_term] s_{r p_r} + (1/|M_r|) sum_{j in M_r} e^{y_rj - log_u_r} (s_rj - o_r),
+ * the weights held constant; bwd: its gradient from grad (R). */
+int glofnd_sogclr_lme_f32(const float *sim, float scale, int shift, const glofnd_rows *rows,
+                          float *out, int64_t *kept);
+int glofnd_sogclr_lme_f64(const double *sim, double scale, int shift, const glofnd_rows *rows,
+                          double *out, int64_t *kept);
+int glofnd_sogclr_fwd_f32(const float *sim, float scale, int shift, int pos_term,
+                          const glofnd_rows *rows, const float *log_u, const int64_t *kept,
+                          float *loss);
+int glofnd_sogclr_fwd_f64(const double *sim, double scale, int shift, int pos_term,
+                          const glofnd_rows *rows, const double *log_u, const int64_t *kept,
+                          double *loss);
+int glofnd_sogclr_bwd_f32(const float *sim, float scale, int shift, int pos_term,
+                          const glofnd_rows *rows, const float *grad, const float *log_u,
+                          const int64_t *kept, float *dsim);
+int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_term,
+                          const glofnd_rows *rows, const double *grad, const double *log_u,
+                          const int64_t *kept, double *dsim);
+
 /* Instruction sets of the row kernels. All give the same bytes; the widest one the CPU runs is
  * used unless glofnd_set_isa chose another. */
 enum glofnd_isa { GLOFND_ISA_BASE = 0, GLOFND_ISA_AVX2 = 1, GLOFND_ISA_AVX512 = 2 };

@@ -119,37 +119,43 @@ static inline float exp_f32(float x)
 #undef EXP_T
 #undef T
 
-typedef void (*fwd_f32_fn)(const float *, float, const glofnd_rows *, int64_t, float *, float *,
-                           int64_t *);
-typedef void (*bwd_f32_fn)(const float *, float, const glofnd_rows *, int64_t, const float *,
-                           const float *, const int64_t *, float *, float *);
-
-static fwd_f32_fn fwd_f32(void)
-{
-    switch (glofnd_isa()) {
-#ifdef LOSS_X86_DISPATCH
-    case GLOFND_ISA_AVX512:
-        return fwd_row_f32_avx512;
-    case GLOFND_ISA_AVX2:
-        return fwd_row_f32_avx2;
+#ifdef _OPENMP
+#define LOSS_OMP_FOR _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")
+#else
+#define LOSS_OMP_FOR
 #endif
-    default:
-        return fwd_row_f32_base;
-    }
-}
 
-static bwd_f32_fn bwd_f32(void)
+/* The row kernels of one instruction set. */
+typedef struct {
+    void (*fwd)(const float *, float, const glofnd_rows *, int64_t, float *, float *, int64_t *);
+    void (*bwd)(const float *, float, const glofnd_rows *, int64_t, const float *, const float *,
+                const int64_t *, float *, float *);
+    void (*lme)(const float *, float, int, const glofnd_rows *, int64_t, float *, int64_t *);
+    void (*sfwd)(const float *, float, int, int, const glofnd_rows *, int64_t, const float *,
+                 const int64_t *, float *);
+    void (*sbwd)(const float *, float, int, int, const glofnd_rows *, int64_t, const float *,
+                 const float *, const int64_t *, float *);
+} kernels_f32;
+
+#define LOSS_KERNELS(suf)                                                                       \
+    {fwd_row_##suf, bwd_row_##suf, lme_row_##suf, sog_fwd_row_##suf, sog_bwd_row_##suf}
+
+static const kernels_f32 *f32_kernels(void)
 {
-    switch (glofnd_isa()) {
+    static const kernels_f32 base = LOSS_KERNELS(f32_base);
 #ifdef LOSS_X86_DISPATCH
+    static const kernels_f32 avx2 = LOSS_KERNELS(f32_avx2);
+    static const kernels_f32 avx512 = LOSS_KERNELS(f32_avx512);
+    switch (glofnd_isa()) {
     case GLOFND_ISA_AVX512:
-        return bwd_row_f32_avx512;
+        return &avx512;
     case GLOFND_ISA_AVX2:
-        return bwd_row_f32_avx2;
-#endif
+        return &avx2;
     default:
-        return bwd_row_f32_base;
+        break;
     }
+#endif
+    return &base;
 }
 
 static int check_rows(const glofnd_rows *b)
@@ -177,70 +183,89 @@ static int threads_for_rows(const glofnd_rows *b)
     return nt;
 }
 
+/* Checks the rows, then runs `call` (a row kernel applied to row r) on every row, the rows
+ * split between threads (each row is written by one thread: the bytes do not depend on it). */
+#define LOSS_RUN_ROWS(b, call)                                                                  \
+    do {                                                                                        \
+        const int status_ = check_rows(b);                                                      \
+        if (status_ != GLOFND_OK)                                                               \
+            return status_;                                                                     \
+        const int nt = threads_for_rows(b);                                                     \
+        (void)nt;                                                                               \
+        LOSS_OMP_FOR                                                                            \
+        for (int64_t r = 0; r < (b)->rows; ++r)                                                 \
+            call;                                                                               \
+        return GLOFND_OK;                                                                       \
+    } while (0)
+
 int glofnd_info_nce_fwd_f32(const float *sim, float scale, const glofnd_rows *b, float *loss,
                             float *lse, int64_t *kept)
 {
-    const int status = check_rows(b);
-    if (status != GLOFND_OK)
-        return status;
-    const fwd_f32_fn fn = fwd_f32();
-    const int nt = threads_for_rows(b);
-    (void)nt;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-    for (int64_t r = 0; r < b->rows; ++r)
-        fn(sim, scale, b, r, loss, lse, kept);
-    return GLOFND_OK;
+    const kernels_f32 *k = f32_kernels();
+    LOSS_RUN_ROWS(b, k->fwd(sim, scale, b, r, loss, lse, kept));
 }
 
 int glofnd_info_nce_bwd_f32(const float *sim, float scale, const glofnd_rows *b,
                             const float *grad, const float *lse, const int64_t *kept,
                             float *dsim, float *dscale)
 {
-    const int status = check_rows(b);
-    if (status != GLOFND_OK)
-        return status;
-    const bwd_f32_fn fn = bwd_f32();
-    const int nt = threads_for_rows(b);
-    (void)nt;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-    for (int64_t r = 0; r < b->rows; ++r)
-        fn(sim, scale, b, r, grad, lse, kept, dsim, dscale);
-    return GLOFND_OK;
+    const kernels_f32 *k = f32_kernels();
+    LOSS_RUN_ROWS(b, k->bwd(sim, scale, b, r, grad, lse, kept, dsim, dscale));
 }
 
 int glofnd_info_nce_fwd_f64(const double *sim, double scale, const glofnd_rows *b, double *loss,
                             double *lse, int64_t *kept)
 {
-    const int status = check_rows(b);
-    if (status != GLOFND_OK)
-        return status;
-    const int nt = threads_for_rows(b);
-    (void)nt;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-    for (int64_t r = 0; r < b->rows; ++r)
-        fwd_row_f64_base(sim, scale, b, r, loss, lse, kept);
-    return GLOFND_OK;
+    LOSS_RUN_ROWS(b, fwd_row_f64_base(sim, scale, b, r, loss, lse, kept));
 }
 
 int glofnd_info_nce_bwd_f64(const double *sim, double scale, const glofnd_rows *b,
                             const double *grad, const double *lse, const int64_t *kept,
                             double *dsim, double *dscale)
 {
-    const int status = check_rows(b);
-    if (status != GLOFND_OK)
-        return status;
-    const int nt = threads_for_rows(b);
-    (void)nt;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-    for (int64_t r = 0; r < b->rows; ++r)
-        bwd_row_f64_base(sim, scale, b, r, grad, lse, kept, dsim, dscale);
-    return GLOFND_OK;
+    LOSS_RUN_ROWS(b, bwd_row_f64_base(sim, scale, b, r, grad, lse, kept, dsim, dscale));
+}
+
+int glofnd_sogclr_lme_f32(const float *sim, float scale, int shift, const glofnd_rows *b,
+                          float *out, int64_t *kept)
+{
+    const kernels_f32 *k = f32_kernels();
+    LOSS_RUN_ROWS(b, k->lme(sim, scale, shift, b, r, out, kept));
+}
+
+int glofnd_sogclr_lme_f64(const double *sim, double scale, int shift, const glofnd_rows *b,
+                          double *out, int64_t *kept)
+{
+    LOSS_RUN_ROWS(b, lme_row_f64_base(sim, scale, shift, b, r, out, kept));
+}
+
+int glofnd_sogclr_fwd_f32(const float *sim, float scale, int shift, int pos_term,
+                          const glofnd_rows *b, const float *log_u, const int64_t *kept,
+                          float *loss)
+{
+    const kernels_f32 *k = f32_kernels();
+    LOSS_RUN_ROWS(b, k->sfwd(sim, scale, shift, pos_term, b, r, log_u, kept, loss));
+}
+
+int glofnd_sogclr_fwd_f64(const double *sim, double scale, int shift, int pos_term,
+                          const glofnd_rows *b, const double *log_u, const int64_t *kept,
+                          double *loss)
+{
+    LOSS_RUN_ROWS(b, sog_fwd_row_f64_base(sim, scale, shift, pos_term, b, r, log_u, kept, loss));
+}
+
+int glofnd_sogclr_bwd_f32(const float *sim, float scale, int shift, int pos_term,
+                          const glofnd_rows *b, const float *grad, const float *log_u,
+                          const int64_t *kept, float *dsim)
+{
+    const kernels_f32 *k = f32_kernels();
+    LOSS_RUN_ROWS(b, k->sbwd(sim, scale, shift, pos_term, b, r, grad, log_u, kept, dsim));
+}
+
+int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_term,
+                          const glofnd_rows *b, const double *grad, const double *log_u,
+                          const int64_t *kept, double *dsim)
+{
+    LOSS_RUN_ROWS(b, sog_bwd_row_f64_base(sim, scale, shift, pos_term, b, r, grad, log_u, kept,
+                                          dsim));
 }

@@ -43,9 +43,10 @@
 #include "loss_vec.h"
 #endif
 
-/* Max of c*x over the kept entries of a span, and their count. */
+/* Max of c*(x - o) over the kept entries of a span, and their count. */
 ISA_ATTR LOSS_INLINE void FN(span_max)(const T *restrict x, const uint8_t *restrict rem,
-                                         int64_t n, int mode, T thr, T c, T *mx, int64_t *cnt)
+                                         int64_t n, int mode, T thr, T c, T o, T *mx,
+                                         int64_t *cnt)
 {
     T m[LOSS_LANES];
     int32_t k[LOSS_LANES];
@@ -55,13 +56,13 @@ ISA_ATTR LOSS_INLINE void FN(span_max)(const T *restrict x, const uint8_t *restr
     }
     int64_t j = 0;
 #ifdef LOSS_VECTOR
-    j = FN(vspan_max)(x, rem, n, mode, thr, c, mx, cnt);
+    j = FN(vspan_max)(x, rem, n, mode, thr, c, o, mx, cnt);
 #endif
     for (; j + LOSS_LANES <= n; j += LOSS_LANES) {
         for (int l = 0; l < LOSS_LANES; ++l) {
             const T v = x[j + l];
             const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j + l] : 0);
-            const T y = keep ? c * v : -(T)INFINITY;
+            const T y = keep ? c * (v - o) : -(T)INFINITY;
             m[l] = y > m[l] ? y : m[l];
             k[l] += keep;
         }
@@ -75,7 +76,7 @@ ISA_ATTR LOSS_INLINE void FN(span_max)(const T *restrict x, const uint8_t *restr
     for (; j < n; ++j) {
         const T v = x[j];
         const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
-        const T y = keep ? c * v : -(T)INFINITY;
+        const T y = keep ? c * (v - o) : -(T)INFINITY;
         m[0] = y > m[0] ? y : m[0];
         k[0] += keep;
     }
@@ -87,27 +88,27 @@ ISA_ATTR LOSS_INLINE void FN(span_max)(const T *restrict x, const uint8_t *restr
     *mx = out;
 }
 
-/* Sum of exp(c*x - shift) over the kept entries of a span, into lane sums acc. */
+/* Sum of exp(c*(x - o) - shift) over the kept entries of a span, into lane sums acc. */
 ISA_ATTR LOSS_INLINE void FN(span_sum)(const T *restrict x, const uint8_t *restrict rem,
-                                         int64_t n, int mode, T thr, T c, T shift,
+                                         int64_t n, int mode, T thr, T c, T o, T shift,
                                          T *restrict acc)
 {
     int64_t j = 0;
 #ifdef LOSS_VECTOR
-    j = FN(vspan_sum)(x, rem, n, mode, thr, c, shift, acc);
+    j = FN(vspan_sum)(x, rem, n, mode, thr, c, o, shift, acc);
 #endif
     for (; j + LOSS_LANES <= n; j += LOSS_LANES) {
         for (int l = 0; l < LOSS_LANES; ++l) {
             const T v = x[j + l];
             const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j + l] : 0);
-            const T e = EXP_T(c * v - shift);
+            const T e = EXP_T(c * (v - o) - shift);
             acc[l] += keep ? e : (T)0;
         }
     }
     for (; j < n; ++j) {
         const T v = x[j];
         const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
-        const T e = EXP_T(c * v - shift);
+        const T e = EXP_T(c * (v - o) - shift);
         acc[0] += keep ? e : (T)0;
     }
 }
@@ -146,6 +147,62 @@ ISA_ATTR LOSS_INLINE void FN(span_grad)(const T *restrict x, const uint8_t *rest
         const T e = keep ? g * EXP_T(c * v - shift) : (T)0;
         out[j] = c * e;
         acc[0] += e * v;
+    }
+}
+
+/* SogCLR's weighted sum: sum of exp(c*(x - o) - shift) * (x - o) over the kept entries of a span,
+ * into lane sums acc. */
+ISA_ATTR LOSS_INLINE void FN(span_wsum)(const T *restrict x, const uint8_t *restrict rem,
+                                          int64_t n, int mode, T thr, T c, T o, T shift,
+                                          T *restrict acc)
+{
+    int64_t j = 0;
+#ifdef LOSS_VECTOR
+    j = FN(vspan_wsum)(x, rem, n, mode, thr, c, o, shift, acc);
+#endif
+    for (; j + LOSS_LANES <= n; j += LOSS_LANES) {
+        for (int l = 0; l < LOSS_LANES; ++l) {
+            const T v = x[j + l];
+            const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j + l] : 0);
+            const T d = v - o;
+            const T e = EXP_T(c * d - shift);
+            acc[l] += keep ? e * d : (T)0;
+        }
+    }
+    for (; j < n; ++j) {
+        const T v = x[j];
+        const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
+        const T d = v - o;
+        const T e = EXP_T(c * d - shift);
+        acc[0] += keep ? e * d : (T)0;
+    }
+}
+
+/* SogCLR's gradient: out = keep ? g * exp(c*(x - o) - shift) : 0, and the sum of out into the
+ * lane sums acc. */
+ISA_ATTR LOSS_INLINE void FN(span_gsum)(const T *restrict x, const uint8_t *restrict rem,
+                                          int64_t n, int mode, T thr, T c, T o, T shift, T g,
+                                          T *restrict out, T *restrict acc)
+{
+    int64_t j = 0;
+#ifdef LOSS_VECTOR
+    j = FN(vspan_gsum)(x, rem, n, mode, thr, c, o, shift, g, out, acc);
+#endif
+    for (; j + LOSS_LANES <= n; j += LOSS_LANES) {
+        for (int l = 0; l < LOSS_LANES; ++l) {
+            const T v = x[j + l];
+            const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j + l] : 0);
+            const T e = keep ? g * EXP_T(c * (v - o) - shift) : (T)0;
+            out[j + l] = e;
+            acc[l] += e;
+        }
+    }
+    for (; j < n; ++j) {
+        const T v = x[j];
+        const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
+        const T e = keep ? g * EXP_T(c * (v - o) - shift) : (T)0;
+        out[j] = e;
+        acc[0] += e;
     }
 }
 
@@ -196,7 +253,7 @@ ISA_ATTR static void FN(fwd_row)(const T *sim, T c, const glofnd_rows *b, int64_
     int64_t cnt = 0;
     for (int k = 0; k < ns; ++k)
         LOSS_BY_MODE(mode, FN(span_max)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
-                                        hi[k] - lo[k], MODE, thr, c, &mx, &cnt));
+                                        hi[k] - lo[k], MODE, thr, c, (T)0, &mx, &cnt));
     const T pos = c * s[b->positive[r]];
     const T stab = mx > -(T)INFINITY ? mx : (T)0;
     T acc[LOSS_LANES];
@@ -205,7 +262,7 @@ ISA_ATTR static void FN(fwd_row)(const T *sim, T c, const glofnd_rows *b, int64_
     if (cnt > 0)
         for (int k = 0; k < ns; ++k)
             LOSS_BY_MODE(mode, FN(span_sum)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
-                                            hi[k] - lo[k], MODE, thr, c, stab, acc));
+                                            hi[k] - lo[k], MODE, thr, c, (T)0, stab, acc));
     T sum = 0;
     for (int l = 0; l < LOSS_LANES; ++l)
         sum += acc[l];
@@ -259,6 +316,89 @@ ISA_ATTR static void FN(bwd_row)(const T *sim, T c, const glofnd_rows *b, int64_
     }
 }
 
+/* Row context shared by the SogCLR rows: mode, threshold, spans, and the offset o (the
+ * positive's similarity when shift, else 0). */
+#define LOSS_ROW_SETUP                                                                          \
+    const int64_t M = b->cols;                                                                  \
+    const T *s = sim + r * M;                                                                   \
+    const uint8_t *rem = b->removed != NULL ? b->removed + r * M : NULL;                         \
+    const int mode = b->thr != NULL ? 1 : rem != NULL ? 2 : 0;                                  \
+    const T thr = b->thr != NULL ? (T)b->thr[r] : (T)0;                                         \
+    int64_t lo[3], hi[3];                                                                       \
+    const int ns = FN(spans)(b, r, lo, hi);                                                     \
+    const T o = shift ? s[b->positive[r]] : (T)0
+
+/* SogCLR, one row: log of the mean of exp(c*(s - o)) over the kept entries (-inf without any)
+ * and their count. */
+ISA_ATTR static void FN(lme_row)(const T *sim, T c, int shift, const glofnd_rows *b, int64_t r,
+                                 T *out, int64_t *kept)
+{
+    LOSS_ROW_SETUP;
+    T mx = -(T)INFINITY;
+    int64_t cnt = 0;
+    for (int k = 0; k < ns; ++k)
+        LOSS_BY_MODE(mode, FN(span_max)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
+                                        hi[k] - lo[k], MODE, thr, c, o, &mx, &cnt));
+    const T stab = mx > -(T)INFINITY ? mx : (T)0;
+    T acc[LOSS_LANES];
+    for (int l = 0; l < LOSS_LANES; ++l)
+        acc[l] = 0;
+    if (cnt > 0)
+        for (int k = 0; k < ns; ++k)
+            LOSS_BY_MODE(mode, FN(span_sum)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
+                                            hi[k] - lo[k], MODE, thr, c, o, stab, acc));
+    T sum = 0;
+    for (int l = 0; l < LOSS_LANES; ++l)
+        sum += acc[l];
+    out[r] = cnt > 0 ? stab + LOG_T(sum) - LOG_T((T)cnt) : -(T)INFINITY;
+    kept[r] = cnt;
+}
+
+/* SogCLR, one row: the surrogate -[pos_term] s_p + (1/|M|) sum_M exp(c*(s - o) - log_u) (s - o). */
+ISA_ATTR static void FN(sog_fwd_row)(const T *sim, T c, int shift, int pos_term,
+                                     const glofnd_rows *b, int64_t r, const T *log_u,
+                                     const int64_t *kept, T *loss)
+{
+    LOSS_ROW_SETUP;
+    T acc[LOSS_LANES];
+    for (int l = 0; l < LOSS_LANES; ++l)
+        acc[l] = 0;
+    for (int k = 0; k < ns; ++k)
+        LOSS_BY_MODE(mode, FN(span_wsum)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
+                                         hi[k] - lo[k], MODE, thr, c, o, log_u[r], acc));
+    T sum = 0;
+    for (int l = 0; l < LOSS_LANES; ++l)
+        sum += acc[l];
+    const T m = (T)(kept[r] > 1 ? kept[r] : 1);
+    loss[r] = (pos_term ? -s[b->positive[r]] : (T)0) + sum / m;
+}
+
+/* SogCLR, one row of the gradient: g/|M| exp(c*(s - o) - log_u) on the kept entries; on the
+ * positive -g [pos_term] less, when shift, the sum of the others (it is subtracted from all). */
+ISA_ATTR static void FN(sog_bwd_row)(const T *sim, T c, int shift, int pos_term,
+                                     const glofnd_rows *b, int64_t r, const T *grad,
+                                     const T *log_u, const int64_t *kept, T *dsim)
+{
+    LOSS_ROW_SETUP;
+    T *out = dsim + r * M;
+    const T m = (T)(kept[r] > 1 ? kept[r] : 1);
+    const T g = grad[r] / m;
+    T acc[LOSS_LANES];
+    for (int l = 0; l < LOSS_LANES; ++l)
+        acc[l] = 0;
+    for (int k = 0; k < ns; ++k)
+        LOSS_BY_MODE(mode, FN(span_gsum)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
+                                         hi[k] - lo[k], MODE, thr, c, o, log_u[r], g,
+                                         out + lo[k], acc));
+    for (int k = 0; k + 1 < ns; ++k)
+        out[hi[k]] = 0; /* the excluded columns */
+    T sum = 0;
+    for (int l = 0; l < LOSS_LANES; ++l)
+        sum += acc[l];
+    out[b->positive[r]] = (pos_term ? -grad[r] : (T)0) - (shift ? sum : (T)0);
+}
+
+#undef LOSS_ROW_SETUP
 #undef FN
 #undef LOSS_CAT
 #undef LOSS_CAT_

@@ -62,7 +62,7 @@ ISA_ATTR LOSS_INLINE vf_t FN(vload)(const float *x)
 
 /* span_max over whole blocks of 16: returns the entries done. */
 ISA_ATTR LOSS_INLINE int64_t FN(vspan_max)(const float *restrict x, const uint8_t *restrict rem,
-                                           int64_t n, int mode, float thr, float c,
+                                           int64_t n, int mode, float thr, float c, float o,
                                            float *restrict mx, int64_t *cnt)
 {
     vf_t m = VSPLAT(-INFINITY);
@@ -71,7 +71,7 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_max)(const float *restrict x, const uint8_
     for (; j + VL <= n; j += VL) {
         const vf_t v = FN(vload)(x + j);
         const vi_t f = FN(vflag)(v, rem + (mode == 2 ? j : 0), mode, thr);
-        const vf_t y = VSEL(f, VSPLAT(-INFINITY), c * v);
+        const vf_t y = VSEL(f, VSPLAT(-INFINITY), c * (v - o));
         m = VSEL(y > m, y, m);
         k += 1 + f; /* 1 where kept, 0 where removed */
         if ((j & 0xFFFFF) == 0xFFFF0) { /* 32-bit lane counters: flush long rows */
@@ -91,7 +91,8 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_max)(const float *restrict x, const uint8_
 
 /* span_sum over whole blocks of 16, into the lane sums acc. */
 ISA_ATTR LOSS_INLINE int64_t FN(vspan_sum)(const float *restrict x, const uint8_t *restrict rem,
-                                           int64_t n, int mode, float thr, float c, float shift,
+                                           int64_t n, int mode, float thr, float c, float o,
+                                           float shift,
                                            float *restrict acc)
 {
     vf_t a = FN(vload)(acc);
@@ -99,7 +100,7 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_sum)(const float *restrict x, const uint8_
     for (; j + VL <= n; j += VL) {
         const vf_t v = FN(vload)(x + j);
         const vi_t f = FN(vflag)(v, rem + (mode == 2 ? j : 0), mode, thr);
-        const vf_t e = FN(vexp)(c * v - shift);
+        const vf_t e = FN(vexp)(c * (v - o) - shift);
         a += VSEL(f, VSPLAT(0.0f), e);
     }
     memcpy(acc, &a, sizeof a);
@@ -123,5 +124,42 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_grad)(const float *restrict x, const uint8
     }
     if (acc != NULL)
         memcpy(acc, &a, sizeof a);
+    return j;
+}
+
+/* span_wsum over whole blocks of 16. */
+ISA_ATTR LOSS_INLINE int64_t FN(vspan_wsum)(const float *restrict x, const uint8_t *restrict rem,
+                                            int64_t n, int mode, float thr, float c, float o,
+                                            float shift, float *restrict acc)
+{
+    vf_t a = FN(vload)(acc);
+    int64_t j = 0;
+    for (; j + VL <= n; j += VL) {
+        const vf_t v = FN(vload)(x + j);
+        const vi_t f = FN(vflag)(v, rem + (mode == 2 ? j : 0), mode, thr);
+        const vf_t d = v - o;
+        const vf_t e = FN(vexp)(c * d - shift);
+        a += VSEL(f, VSPLAT(0.0f), e * d);
+    }
+    memcpy(acc, &a, sizeof a);
+    return j;
+}
+
+/* span_gsum over whole blocks of 16. */
+ISA_ATTR LOSS_INLINE int64_t FN(vspan_gsum)(const float *restrict x, const uint8_t *restrict rem,
+                                            int64_t n, int mode, float thr, float c, float o,
+                                            float shift, float g, float *restrict out,
+                                            float *restrict acc)
+{
+    vf_t a = FN(vload)(acc);
+    int64_t j = 0;
+    for (; j + VL <= n; j += VL) {
+        const vf_t v = FN(vload)(x + j);
+        const vi_t f = FN(vflag)(v, rem + (mode == 2 ? j : 0), mode, thr);
+        const vf_t e = VSEL(f, VSPLAT(0.0f), g * FN(vexp)(c * (v - o) - shift));
+        memcpy(out + j, &e, sizeof e);
+        a += e;
+    }
+    memcpy(acc, &a, sizeof a);
     return j;
 }

@@ -506,6 +506,120 @@ static PyObject *py_info_nce_backward(PyObject *self, PyObject *args)
     return result;
 }
 
+/* A new 1-D or 2-D array of the rows' dtype (NULL with the error set). */
+static PyArrayObject *new_rows_array(const glofnd_rows *b, int ndim, int typenum)
+{
+    npy_intp dims[2] = {b->rows, b->cols};
+    return (PyArrayObject *)PyArray_EMPTY(ndim, dims, typenum, 0);
+}
+
+static PyObject *py_sogclr_lme(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *sim_o, *pos_o, *own_o, *thr_o, *rem_o;
+    double scale;
+    int shift;
+    long long threads;
+    if (!PyArg_ParseTuple(args, "OOOOOdpL:sogclr_lme", &sim_o, &pos_o, &own_o, &thr_o, &rem_o,
+                          &scale, &shift, &threads))
+        return NULL;
+    PyArrayObject *sim;
+    glofnd_rows b;
+    if (parse_rows(sim_o, pos_o, own_o, thr_o, rem_o, 0, 0, threads, &sim, &b) < 0)
+        return NULL;
+    const int typenum = PyArray_TYPE(sim);
+    PyArrayObject *out = new_rows_array(&b, 1, typenum);
+    PyArrayObject *kept = new_rows_array(&b, 1, NPY_INT64);
+    PyObject *result = NULL;
+    if (out != NULL && kept != NULL) {
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        if (typenum == NPY_FLOAT32)
+            status = glofnd_sogclr_lme_f32(PyArray_DATA(sim), (float)scale, shift, &b,
+                                           PyArray_DATA(out), PyArray_DATA(kept));
+        else
+            status = glofnd_sogclr_lme_f64(PyArray_DATA(sim), scale, shift, &b,
+                                           PyArray_DATA(out), PyArray_DATA(kept));
+        Py_END_ALLOW_THREADS
+        if (rows_status(status) == 0)
+            result = PyTuple_Pack(2, (PyObject *)out, (PyObject *)kept);
+    }
+    Py_XDECREF(out);
+    Py_XDECREF(kept);
+    return result;
+}
+
+/* sogclr_forward (grad_o NULL) and sogclr_backward share their arguments. */
+static PyObject *sogclr_call(PyObject *grad_o, PyObject *sim_o, PyObject *pos_o, PyObject *own_o,
+                             PyObject *thr_o, PyObject *rem_o, double scale, int shift,
+                             int pos_term, PyObject *log_u_o, PyObject *kept_o,
+                             long long threads)
+{
+    PyArrayObject *sim, *grad = NULL, *log_u, *kept;
+    glofnd_rows b;
+    if (parse_rows(sim_o, pos_o, own_o, thr_o, rem_o, 0, 0, threads, &sim, &b) < 0)
+        return NULL;
+    const int typenum = PyArray_TYPE(sim);
+    if ((grad_o != NULL && exact_array(grad_o, "grad", typenum, 1, b.rows, -1, 0, &grad) < 0) ||
+        exact_array(log_u_o, "log_u", typenum, 1, b.rows, -1, 0, &log_u) < 0 ||
+        exact_array(kept_o, "kept", NPY_INT64, 1, b.rows, -1, 0, &kept) < 0)
+        return NULL;
+    PyArrayObject *out = new_rows_array(&b, grad != NULL ? 2 : 1, typenum);
+    if (out == NULL)
+        return NULL;
+    int status;
+    const void *u = PyArray_DATA(log_u);
+    const int64_t *k = PyArray_DATA(kept);
+    Py_BEGIN_ALLOW_THREADS
+    if (grad == NULL && typenum == NPY_FLOAT32)
+        status = glofnd_sogclr_fwd_f32(PyArray_DATA(sim), (float)scale, shift, pos_term, &b, u, k,
+                                       PyArray_DATA(out));
+    else if (grad == NULL)
+        status = glofnd_sogclr_fwd_f64(PyArray_DATA(sim), scale, shift, pos_term, &b, u, k,
+                                       PyArray_DATA(out));
+    else if (typenum == NPY_FLOAT32)
+        status = glofnd_sogclr_bwd_f32(PyArray_DATA(sim), (float)scale, shift, pos_term, &b,
+                                       PyArray_DATA(grad), u, k, PyArray_DATA(out));
+    else
+        status = glofnd_sogclr_bwd_f64(PyArray_DATA(sim), scale, shift, pos_term, &b,
+                                       PyArray_DATA(grad), u, k, PyArray_DATA(out));
+    Py_END_ALLOW_THREADS
+    if (rows_status(status) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return (PyObject *)out;
+}
+
+static PyObject *py_sogclr_forward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *sim_o, *pos_o, *own_o, *thr_o, *rem_o, *log_u_o, *kept_o;
+    double scale;
+    int shift, pos_term;
+    long long threads;
+    if (!PyArg_ParseTuple(args, "OOOOOdppOOL:sogclr_forward", &sim_o, &pos_o, &own_o, &thr_o,
+                          &rem_o, &scale, &shift, &pos_term, &log_u_o, &kept_o, &threads))
+        return NULL;
+    return sogclr_call(NULL, sim_o, pos_o, own_o, thr_o, rem_o, scale, shift, pos_term, log_u_o,
+                       kept_o, threads);
+}
+
+static PyObject *py_sogclr_backward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *grad_o, *sim_o, *pos_o, *own_o, *thr_o, *rem_o, *log_u_o, *kept_o;
+    double scale;
+    int shift, pos_term;
+    long long threads;
+    if (!PyArg_ParseTuple(args, "OOOOOOdppOOL:sogclr_backward", &grad_o, &sim_o, &pos_o, &own_o,
+                          &thr_o, &rem_o, &scale, &shift, &pos_term, &log_u_o, &kept_o,
+                          &threads))
+        return NULL;
+    return sogclr_call(grad_o, sim_o, pos_o, own_o, thr_o, rem_o, scale, shift, pos_term,
+                       log_u_o, kept_o, threads);
+}
+
 static const char *const isa_names[] = {"base", "avx2", "avx512"};
 
 static PyObject *py_isa(PyObject *self, PyObject *args)
@@ -555,6 +669,16 @@ static PyMethodDef methods[] = {
      "info_nce_backward(grad, sim, positive, own, thr, removed, scale, per_row, ratio, lse, kept,\n"
      "want_dscale, num_threads) -> (dsim, dscale_rows or None)\n\nIts gradient, from the\n"
      "gradient of each row's loss."},
+    {"sogclr_lme", py_sogclr_lme, METH_VARARGS,
+     "sogclr_lme(sim, positive, own, thr, removed, scale, shift, num_threads) -> (lme, kept)\n\n"
+     "SogCLR: log of the mean of exp(scale * (s - o)) over each row's kept entries (o: the\n"
+     "positive's similarity when shift, else 0), and their count."},
+    {"sogclr_forward", py_sogclr_forward, METH_VARARGS,
+     "sogclr_forward(sim, positive, own, thr, removed, scale, shift, pos_term, log_u, kept,\n"
+     "num_threads) -> loss\n\nSogCLR's surrogate of each row (csrc/glofnd.h)."},
+    {"sogclr_backward", py_sogclr_backward, METH_VARARGS,
+     "sogclr_backward(grad, sim, positive, own, thr, removed, scale, shift, pos_term, log_u,\n"
+     "kept, num_threads) -> dsim\n\nIts gradient in sim."},
     {"isa", py_isa, METH_NOARGS,
      "isa() -> str\n\nThe instruction set of the row kernels in use: 'base', 'avx2' or 'avx512'."},
     {"set_isa", py_set_isa, METH_O,

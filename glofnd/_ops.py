@@ -258,3 +258,102 @@ def fused_available(sim: Tensor) -> bool:
     """Whether the losses run their InfoNCE through the C kernel for ``sim``."""
     return (_C is not None and _backend == "c" and sim.device.type == "cpu"
             and sim.dtype in (torch.float32, torch.float64))
+
+
+# --- the fused SogCLR of the losses -----------------------------------------------------------
+
+_lib.define(
+    "sogclr_lme(Tensor sim, Tensor positive, Tensor? own, Tensor? thr, Tensor? removed, "
+    "float scale, bool shift) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "sogclr_surrogate(Tensor sim, Tensor positive, Tensor? own, Tensor? thr, Tensor? removed, "
+    "float scale, bool shift, bool pos_term, Tensor log_u, Tensor kept) -> Tensor"
+)
+_lib.define(
+    "sogclr_surrogate_backward(Tensor grad, Tensor sim, Tensor positive, Tensor? own, "
+    "Tensor? thr, Tensor? removed, float scale, bool shift, bool pos_term, Tensor log_u, "
+    "Tensor kept) -> Tensor"
+)
+
+
+def _use_c() -> bool:
+    return _C is not None and _backend == "c"
+
+
+def _sogclr_lme_cpu(sim, positive, own, thr, removed, scale, shift):
+    if not _use_c():
+        return reference.sogclr_lme(sim, positive, own, thr, removed, scale, shift)
+    out, kept = _C.sogclr_lme(sim.detach().numpy(), positive.numpy(), _np(own), _np(thr),
+                              _np(removed), scale, shift, torch.get_num_threads())
+    return torch.from_numpy(out), torch.from_numpy(kept)
+
+
+def _sogclr_lme_fake(sim, positive, own, thr, removed, scale, shift):
+    return (sim.new_empty(sim.shape[:1]),
+            torch.empty(sim.shape[:1], dtype=torch.int64, device=sim.device))
+
+
+def _sogclr_cpu(sim, positive, own, thr, removed, scale, shift, pos_term, log_u, kept):
+    if not _use_c():
+        return reference.sogclr_surrogate(sim, positive, own, thr, removed, scale, shift,
+                                          pos_term, log_u, kept)
+    return torch.from_numpy(_C.sogclr_forward(
+        sim.detach().numpy(), positive.numpy(), _np(own), _np(thr), _np(removed), scale, shift,
+        pos_term, log_u.to(sim.dtype).contiguous().numpy(), kept.numpy(),
+        torch.get_num_threads()))
+
+
+def _sogclr_fake(sim, positive, own, thr, removed, scale, shift, pos_term, log_u, kept):
+    return sim.new_empty(sim.shape[:1])
+
+
+def _sogclr_backward_cpu(grad, sim, positive, own, thr, removed, scale, shift, pos_term, log_u,
+                         kept):
+    if not _use_c():
+        return reference.sogclr_surrogate_backward(grad, sim, positive, own, thr, removed, scale,
+                                                   shift, pos_term, log_u, kept)
+    return torch.from_numpy(_C.sogclr_backward(
+        grad.to(sim.dtype).contiguous().numpy(), sim.numpy(), positive.numpy(), _np(own),
+        _np(thr), _np(removed), scale, shift, pos_term,
+        log_u.to(sim.dtype).contiguous().numpy(), kept.numpy(), torch.get_num_threads()))
+
+
+def _sogclr_backward_fake(grad, sim, *args):
+    return sim.new_empty(sim.shape)
+
+
+for _name, _any, _cpu, _fake in (
+        ("sogclr_lme", reference.sogclr_lme, _sogclr_lme_cpu, _sogclr_lme_fake),
+        ("sogclr_surrogate", reference.sogclr_surrogate, _sogclr_cpu, _sogclr_fake),
+        ("sogclr_surrogate_backward", reference.sogclr_surrogate_backward,
+         _sogclr_backward_cpu, _sogclr_backward_fake)):
+    _lib.impl(_name, _any, "CompositeExplicitAutograd")
+    _lib.impl(_name, _cpu, "CPU")
+    torch.library.register_fake("glofnd::" + _name, _fake, lib=_lib)
+
+
+def _sogclr_setup(ctx, inputs, output):
+    sim, positive, own, thr, removed, scale, shift, pos_term, log_u, kept = inputs
+    ctx.save_for_backward(sim, positive, own, thr, removed, log_u, kept)
+    ctx.args = (scale, shift, pos_term)
+
+
+def _sogclr_grad(ctx, grad):
+    sim, positive, own, thr, removed, log_u, kept = ctx.saved_tensors
+    scale, shift, pos_term = ctx.args
+    dsim = torch.ops.glofnd.sogclr_surrogate_backward(grad, sim, positive, own, thr, removed,
+                                                      scale, shift, pos_term, log_u, kept)
+    return dsim, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("glofnd::sogclr_surrogate", _sogclr_grad,
+                                setup_context=_sogclr_setup, lib=_lib)
+
+sogclr_lme = torch.ops.glofnd.sogclr_lme
+"""``glofnd::sogclr_lme(sim, positive, own, thr, removed, scale, shift) -> (lme, kept)``:
+SogCLR's per-row log-mean-exp of the kept negatives (:func:`glofnd.reference.sogclr_lme`)."""
+sogclr_surrogate = torch.ops.glofnd.sogclr_surrogate
+"""``glofnd::sogclr_surrogate(sim, positive, own, thr, removed, scale, shift, pos_term, log_u,
+kept) -> loss``: SogCLR's per-row surrogate (:func:`glofnd.reference.sogclr_surrogate`),
+differentiable in ``sim``. CPU tensors run the fused C kernels (csrc/loss.c)."""

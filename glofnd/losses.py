@@ -294,16 +294,20 @@ class _Detector(nn.Module):
         return (flagged if mask_on else None), flagged, thr
 
     def _fused(self, prefix: str, fnd: Optional[GloFND], sim: Tensor, index: Tensor,
-               own: Optional[Tensor], positive: Tensor, per_row: int, scale: Tensor) -> Tensor:
-        """One block of rows through the fused InfoNCE (:data:`glofnd._ops.info_nce`, CPU):
-        returns the per-row losses and records the diagnostics, as :meth:`_detect`,
-        :meth:`_kept` and :func:`glofnd.functional.kept_info_nce` together would.
+               own: Optional[Tensor], positive: Tensor, per_row: int, scale: Tensor,
+               u: Optional[Tensor] = None, blocks: int = 1) -> Tensor:
+        """One block of rows through the fused C kernels (CPU): returns the per-row losses and
+        records the diagnostics, as :meth:`_detect`, :meth:`_kept` and the torch formulas of
+        :mod:`glofnd.functional` together would. ``u`` None: the InfoNCE
+        (:data:`glofnd._ops.info_nce`, scale c = 1/τ or the logit scale); else SogCLR with that
+        moving average (:data:`glofnd._ops.sogclr_surrogate`; unimodal when ``own`` is given,
+        else CLIP's d = s − s_pos with τ = 1/scale).
 
         With GloFND's state in this process, the rows' λ are updated without a mask (the own
-        column and positive excluded by index) and the kernel compares each entry with its row's
-        new λ as it sums: no (R, M) mask or validity mask is made. Other set-ups (several
+        column and positive excluded by index) and the kernels compare each entry with its row's
+        new λ as they read it: no (R, M) mask or validity mask is made. Other set-ups (several
         processes, a state on another device, masks learned but not yet applied, fnc) build the
-        mask as before and hand it to the kernel."""
+        mask as before and hand it to the kernels."""
         method, mask_on = self.method, self.masking
         exclude = torch.stack([positive, own], 1) if own is not None else positive.unsqueeze(1)
 
@@ -327,8 +331,17 @@ class _Detector(nn.Module):
             flagged, thr = Fn.fnc_mask(sim.detach(), valid(), self.alpha)
             removed = flagged
         applied = thr is not None and mask_on or removed is not None
-        loss, _, kept = _ops.info_nce(sim, positive, own, thr if removed is None and applied
-                                      else None, removed, scale, per_row, applied)
+        on_thr = thr if removed is None and applied else None
+        if u is None:
+            loss, _, kept = _ops.info_nce(sim, positive, own, on_thr, removed, scale, per_row,
+                                          applied)
+        else:
+            c = float(1.0 / self.temperature) if own is not None else float(scale.detach())
+            shift = own is None
+            log_g, kept = _ops.sogclr_lme(sim.detach(), positive, own, on_thr, removed, c, shift)
+            log_u = self._move_rows_state(u, index, log_g, blocks=blocks)
+            loss = _ops.sogclr_surrogate(sim, positive, own, on_thr, removed, c, shift,
+                                         not shift, log_u, kept)
         n_removed = kept if applied else None
         if flagged is None:
             n_flagged = n_removed
@@ -577,10 +590,10 @@ class GloFNDLoss(_Detector):
         own = torch.where(first, off + r, total + off + r - b)       # the row's own column
         positive = torch.where(first, total + off + r, off + r - b)  # its other view
         ids = torch.cat([index, index])
-        if self.base == "simclr" and labels is None and _ops.fused_available(sim):
+        if labels is None and _ops.fused_available(sim):
             self._start_stats(self.masking)
             per_row = self._fused("", self.fnd, sim, ids, own, positive, 2 * total - 2,
-                                  self._scale(1.0 / self.temperature, sim.dtype))
+                                  self._scale(1.0 / self.temperature, sim.dtype), self.u, 2)
             return per_row.mean()
         col = torch.arange(2 * total, device=sim.device).unsqueeze(0)
         valid = (col != own.unsqueeze(1)) & (col != positive.unsqueeze(1))
@@ -717,11 +730,11 @@ class GloFNDClipLoss(_Detector):
         positive = off + torch.arange(b, device=img.device)
         self._start_stats(self.masking)
         clip = self.base == "clip"
-        if clip and labels is None and _ops.fused_available(sims[0]):
+        if labels is None and _ops.fused_available(sims[0]):
             terms = [self._fused(name + "_", fnd, s.contiguous(), index, None, positive,
-                                 total - 1, scale).mean()
-                     for name, s, fnd in (("image", sims[0], self.fnd_image),
-                                          ("text", sims[1], self.fnd_text))]
+                                 total - 1, scale, u).mean()
+                     for name, s, fnd, u in (("image", sims[0], self.fnd_image, self.u_image),
+                                             ("text", sims[1], self.fnd_text, self.u_text))]
             self._join_entries()
             return (terms[0] + terms[1]) / 2
         col = torch.arange(total, device=img.device)

@@ -186,3 +186,48 @@ def info_nce_backward(grad: Tensor, sim: Tensor, positive: Tensor, own: Optional
     dpos = g * (torch.exp(c * sim.gather(1, p) - lse.unsqueeze(1)) - 1)
     dl = dl.scatter(1, p, dpos)
     return c * dl, (dl * sim).sum(1)
+
+
+def sogclr_lme(sim: Tensor, positive: Tensor, own: Optional[Tensor], thr: Optional[Tensor],
+               removed: Optional[Tensor], scale: float, shift: bool) -> tuple[Tensor, Tensor]:
+    """SogCLR's per-row log of the mean of exp(y) over the kept negatives (−inf without any), y
+    = scale·(s − o) with o the positive's similarity when ``shift`` (CLIP), else 0; and the kept
+    counts. The kept negatives are those of :func:`info_nce_keep`."""
+    keep = info_nce_keep(sim, positive, own, thr, removed)
+    kept = keep.sum(1)
+    o = sim.gather(1, positive.unsqueeze(1)) if shift else 0.0
+    filled = torch.where(keep, scale * (sim - o), -math.inf)
+    out = torch.logsumexp(filled, dim=1) - torch.log(kept.clamp(min=1).to(sim.dtype))
+    return torch.where(kept > 0, out, torch.full_like(out, -math.inf)), kept
+
+
+def sogclr_surrogate(sim: Tensor, positive: Tensor, own: Optional[Tensor], thr: Optional[Tensor],
+                     removed: Optional[Tensor], scale: float, shift: bool, pos_term: bool,
+                     log_u: Tensor, kept: Tensor) -> Tensor:
+    r"""SogCLR's per-row surrogate with d = s − o (o as in :func:`sogclr_lme`):
+
+    .. math:: ℓ_r = −[\text{pos\_term}]\, s_{r p_r} + \frac{1}{|M_r|}\sum_{j∈M_r}
+              \mathrm{sg}[e^{\text{scale}·d_{rj} − \log u_r}]\, d_{rj}
+    """
+    keep = info_nce_keep(sim, positive, own, thr, removed)
+    p = positive.unsqueeze(1)
+    d = sim - sim.gather(1, p) if shift else sim
+    w = torch.where(keep, torch.exp(scale * d.detach() - log_u.unsqueeze(1)), 0.0)
+    out = (w * d).sum(1) / kept.clamp(min=1).to(sim.dtype)
+    return out - sim.gather(1, p).squeeze(1) if pos_term else out
+
+
+def sogclr_surrogate_backward(grad: Tensor, sim: Tensor, positive: Tensor, own: Optional[Tensor],
+                              thr: Optional[Tensor], removed: Optional[Tensor], scale: float,
+                              shift: bool, pos_term: bool, log_u: Tensor, kept: Tensor
+                              ) -> Tensor:
+    """The gradient of :func:`sogclr_surrogate` in ``sim`` from ``grad`` (R,)."""
+    keep = info_nce_keep(sim, positive, own, thr, removed)
+    p = positive.unsqueeze(1)
+    d = sim - sim.gather(1, p) if shift else sim
+    g = (grad.to(sim.dtype) / kept.clamp(min=1).to(sim.dtype)).unsqueeze(1)
+    out = torch.where(keep, g * torch.exp(scale * d - log_u.unsqueeze(1)), 0.0)
+    at_pos = (-grad.to(sim.dtype) if pos_term else torch.zeros_like(grad, dtype=sim.dtype))
+    if shift:
+        at_pos = at_pos - out.sum(1)
+    return out.scatter(1, p, at_pos.unsqueeze(1))

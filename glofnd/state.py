@@ -221,10 +221,13 @@ class GloFND(nn.Module):
         own, already checked; one process only (the losses take :meth:`step` otherwise)."""
         state = self._check_state()
         step = self.epoch + 1 if self.bias_correction == "epoch" else 0
+        args = (sim, index, exclude, *state, self.alpha, self.lr, self.betas[0], self.betas[1],
+                self.eps, self.clamp[0], self.clamp[1], _OPTIMIZERS[self.optimizer], step)
+        if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
+            _ops.threshold_update(*args)
+            return
         with self._lock:
-            _ops.threshold_update(sim, index, exclude, *state, self.alpha, self.lr,
-                                  self.betas[0], self.betas[1], self.eps, self.clamp[0],
-                                  self.clamp[1], _OPTIMIZERS[self.optimizer], step)
+            _ops.threshold_update(*args)
 
     def _multi_process(self) -> bool:
         if self.distributed is None:

@@ -217,3 +217,49 @@ def test_update_with_exclusions_equals_the_step_with_a_validity_mask(backend, dt
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not torch.equal(a["lambdas"], state["lambdas"])
+
+
+# ---------------------------------------------------------------------------- SogCLR kernels
+
+@needs_c
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sogclr_kernels_equal_the_torch_formula(mode, shift, dtype):
+    """log-mean-exp, kept counts, surrogate and its gradient: the C kernels against the torch
+    formula of glofnd.reference, whose gradient here is torch's autograd through it (the
+    weights detached), not the hand-written backward."""
+    sim, positive, own, thr, removed = case(33, 70, mode, 11, dtype, unimodal=not shift)
+    sim[0, 3] = sim[0, 5] = 0.25  # ties
+    lme, kept = _ops.sogclr_lme(sim, positive, own, thr, removed, 6.0, shift)
+    want_lme, want_kept = reference.sogclr_lme(sim, positive, own, thr, removed, 6.0, shift)
+    assert torch.equal(kept, want_kept)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(lme, want_lme, rtol=tol, atol=tol)
+    log_u = (want_lme + 0.2).clamp(min=-5.0)
+    weights = torch.linspace(0.5, 1.5, 33, dtype=dtype)
+    grads = []
+    for fn in (_ops.sogclr_surrogate, reference.sogclr_surrogate):
+        s = sim.clone().requires_grad_()
+        value = fn(s, positive, own, thr, removed, 6.0, shift, not shift, log_u, kept)
+        (value * weights).sum().backward()
+        grads.append((value.detach(), s.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=tol, atol=tol)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=tol, atol=tol)
+
+
+@needs_c
+def test_sogclr_same_bytes_for_every_thread_count():
+    sim, positive, _, thr, _ = case(300, 333, "thr", 4, unimodal=False)
+    grad = torch.rand(300)
+    out = []
+    for threads in (1, 2, 4):
+        torch.set_num_threads(threads)
+        lme, kept = _ops.sogclr_lme(sim, positive, None, thr, None, 10.0, True)
+        s = sim.clone().requires_grad_()
+        v = _ops.sogclr_surrogate(s, positive, None, thr, None, 10.0, True, False, lme, kept)
+        (v * grad).sum().backward()
+        out.append((lme, kept, v.detach(), s.grad))
+    for other in out[1:]:
+        for a, b in zip(out[0], other):
+            assert torch.equal(a, b)
