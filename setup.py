@@ -61,7 +61,7 @@ def extension():
         "glofnd._C",
         sources=["csrc/threshold.c", "csrc/loss.c", "csrc/module.c"],
         depends=["csrc/glofnd.h", "csrc/step_impl.h", "csrc/rows_avx512.h", "csrc/loss_impl.h",
-                 "csrc/loss_vec.h"],
+                 "csrc/loss_vec.h", "csrc/internal.h"],
         include_dirs=["csrc", numpy.get_include()],
         extra_compile_args=compile_args,
         extra_link_args=link_args,

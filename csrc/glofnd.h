@@ -120,6 +120,21 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
                           const glofnd_rows *rows, const double *grad, const double *log_u,
                           const int64_t *kept, double *dsim);
 
+/* The losses' fused forward with GloFND's update: for every distinct index i of the rows
+ * (index, R), counts its rows' valid entries (all but the excluded columns, finite) and those
+ * above lambda_i, updates lambda_i as glofnd_step_f32 would (bit for bit; not when
+ * params->update is 0), then computes each row with its kept negatives = the valid ones not
+ * above the new lambda_i (non-finite ones kept, as the losses keep them). kind 0: the InfoNCE
+ * (out0 loss, out1 lse, as glofnd_info_nce_fwd with thr = the new lambdas); kind 1 / 2: SogCLR's
+ * log-mean-exp with / without the positive's offset (out0; out1 unused). kept (R) and thr (R,
+ * the rows' new lambda) are outputs. rows->thr and rows->removed must be NULL. */
+int glofnd_fused_fwd_f32(const float *sim, float scale, int kind, const glofnd_rows *rows,
+                         const int64_t *index, glofnd_state *state, const glofnd_params *params,
+                         float *out0, float *out1, int64_t *kept, float *thr);
+int glofnd_fused_fwd_f64(const double *sim, double scale, int kind, const glofnd_rows *rows,
+                         const int64_t *index, glofnd_state *state, const glofnd_params *params,
+                         double *out0, double *out1, int64_t *kept, float *thr);
+
 /* Instruction sets of the row kernels. All give the same bytes; the widest one the CPU runs is
  * used unless glofnd_set_isa chose another. */
 enum glofnd_isa { GLOFND_ISA_BASE = 0, GLOFND_ISA_AVX2 = 1, GLOFND_ISA_AVX512 = 2 };

@@ -17,9 +17,11 @@
  * forward and once in the backward, which writes the gradient; rows are independent, so OpenMP
  * splits them and the bytes do not depend on the thread count. */
 #include "glofnd.h"
+#include "internal.h"
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -121,8 +123,11 @@ static inline float exp_f32(float x)
 
 #ifdef _OPENMP
 #define LOSS_OMP_FOR _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")
+#define LOSS_OMP_FOR_GROUPS                                                                     \
+    _Pragma("omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)")
 #else
 #define LOSS_OMP_FOR
+#define LOSS_OMP_FOR_GROUPS
 #endif
 
 /* The row kernels of one instruction set. */
@@ -135,10 +140,14 @@ typedef struct {
                  const int64_t *, float *);
     void (*sbwd)(const float *, float, int, int, const glofnd_rows *, int64_t, const float *,
                  const float *, const int64_t *, float *);
+    void (*fused)(const float *, float, int, const glofnd_rows *, const int64_t *, glofnd_state *,
+                  const glofnd_params *, const int64_t *, int64_t, float *, float *, int64_t *,
+                  float *);
 } kernels_f32;
 
 #define LOSS_KERNELS(suf)                                                                       \
-    {fwd_row_##suf, bwd_row_##suf, lme_row_##suf, sog_fwd_row_##suf, sog_bwd_row_##suf}
+    {fwd_row_##suf,     bwd_row_##suf,     lme_row_##suf,                                       \
+     sog_fwd_row_##suf, sog_bwd_row_##suf, fused_group_##suf}
 
 static const kernels_f32 *f32_kernels(void)
 {
@@ -268,4 +277,54 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
 {
     LOSS_RUN_ROWS(b, sog_bwd_row_f64_base(sim, scale, shift, pos_term, b, r, grad, log_u, kept,
                                           dsim));
+}
+
+/* The fused step: groups the rows by index, then runs `call` (a group kernel applied to the
+ * rows g.order[g.starts[k] ..]) on every group, the groups split between threads (each group
+ * and its state entry are written by one thread: the bytes do not depend on it). */
+#define LOSS_RUN_GROUPS(b, index, st, p, call)                                                  \
+    do {                                                                                        \
+        int status_ = check_rows(b);                                                            \
+        if (status_ == GLOFND_OK && ((b)->thr != NULL || (b)->removed != NULL))                 \
+            status_ = GLOFND_EINVAL;                                                            \
+        if (status_ == GLOFND_OK)                                                               \
+            status_ = glofnd_internal_check_state(index, (b)->rows, st, p);                     \
+        if (status_ != GLOFND_OK || (b)->rows == 0)                                             \
+            return status_;                                                                     \
+        glofnd_grouping g;                                                                      \
+        status_ = glofnd_internal_group_rows(index, (b)->rows, &g);                             \
+        if (status_ != GLOFND_OK)                                                               \
+            return status_;                                                                     \
+        const int nt = glofnd_internal_threads_for((b)->num_threads, (b)->rows * (b)->cols,    \
+                                                   g.ngroups);                                  \
+        (void)nt;                                                                               \
+        LOSS_OMP_FOR_GROUPS                                                                     \
+        for (int64_t k = 0; k < g.ngroups; ++k) {                                               \
+            if (k + 4 < g.ngroups)                                                              \
+                glofnd_internal_prefetch_state(st, (index)[g.order[g.starts[k + 4]]]);         \
+            const int64_t *rows_ = g.order + g.starts[k];                                       \
+            const int64_t nrows_ = g.starts[k + 1] - g.starts[k];                               \
+            call;                                                                               \
+        }                                                                                       \
+        free(g.block);                                                                          \
+        return GLOFND_OK;                                                                       \
+    } while (0)
+
+int glofnd_fused_fwd_f32(const float *sim, float scale, int kind, const glofnd_rows *b,
+                         const int64_t *index, glofnd_state *st, const glofnd_params *p,
+                         float *out0, float *out1, int64_t *kept, float *thr)
+{
+    const kernels_f32 *k_ = f32_kernels();
+    LOSS_RUN_GROUPS(b, index, st, p,
+                    k_->fused(sim, scale, kind, b, index, st, p, rows_, nrows_, out0, out1, kept,
+                              thr));
+}
+
+int glofnd_fused_fwd_f64(const double *sim, double scale, int kind, const glofnd_rows *b,
+                         const int64_t *index, glofnd_state *st, const glofnd_params *p,
+                         double *out0, double *out1, int64_t *kept, float *thr)
+{
+    LOSS_RUN_GROUPS(b, index, st, p,
+                    fused_group_f64_base(sim, scale, kind, b, index, st, p, rows_, nrows_, out0,
+                                         out1, kept, thr));
 }

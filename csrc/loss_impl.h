@@ -206,6 +206,58 @@ ISA_ATTR LOSS_INLINE void FN(span_gsum)(const T *restrict x, const uint8_t *rest
     }
 }
 
+/* The fused step's first pass over a span: the max of c*(x - o) over all its entries, and the
+ * threshold update's counts: finite entries, and those above lam. */
+ISA_ATTR LOSS_INLINE void FN(span_pass1)(const T *restrict x, int64_t n, T c, T o, T lam, T *mx,
+                                           int64_t *above, int64_t *nfin)
+{
+    int64_t j = 0;
+#ifdef LOSS_VECTOR
+    j = FN(vspan_pass1)(x, n, c, o, lam, mx, above, nfin);
+#endif
+    T m = *mx;
+    int64_t a = 0, f = 0;
+    for (; j < n; ++j) {
+        const T v = x[j];
+        const T y = c * (v - o);
+        m = y > m ? y : m;
+        a += (v > lam) & (v != (T)INFINITY);
+        f += (v - v) == (T)0;
+    }
+    *mx = m;
+    *above += a;
+    *nfin += f;
+}
+
+/* The fused step's second pass over a span: span_sum of mode 1 (finite entries above thr are
+ * removed) and the kept count. */
+ISA_ATTR LOSS_INLINE void FN(span_sumc)(const T *restrict x, int64_t n, T thr, T c, T o, T shift,
+                                          T *restrict acc, int64_t *cnt)
+{
+    int64_t j = 0;
+#ifdef LOSS_VECTOR
+    j = FN(vspan_sumc)(x, n, thr, c, o, shift, acc, cnt);
+#endif
+    int64_t k = 0;
+    for (; j + LOSS_LANES <= n; j += LOSS_LANES) {
+        for (int l = 0; l < LOSS_LANES; ++l) {
+            const T v = x[j + l];
+            const int keep = LOSS_KEEP(1, v, thr, 0);
+            const T e = EXP_T(c * (v - o) - shift);
+            acc[l] += keep ? e : (T)0;
+            k += keep;
+        }
+    }
+    for (; j < n; ++j) {
+        const T v = x[j];
+        const int keep = LOSS_KEEP(1, v, thr, 0);
+        const T e = EXP_T(c * (v - o) - shift);
+        acc[0] += keep ? e : (T)0;
+        k += keep;
+    }
+    *cnt += k;
+}
+
 /* The spans of row r between its excluded columns: up to three [lo, hi) pairs. */
 static inline int FN(spans)(const glofnd_rows *b, int64_t r, int64_t lo[3], int64_t hi[3])
 {
@@ -237,6 +289,21 @@ static inline T FN(log_ratio)(const glofnd_rows *b, int64_t cnt)
     return LOG_T((T)(b->per_row > 1 ? b->per_row : 1)) - LOG_T((T)cnt);
 }
 
+/* A row's log(e^pos + K/|M| sum), where sum = sum over the kept of e^{c s - stab}, stab = mx
+ * (0 when mx is -inf), cnt = |M|. */
+static inline T FN(info_nce_lse)(const glofnd_rows *b, T pos, T mx, T sum, int64_t cnt)
+{
+    const T stab = mx > -(T)INFINITY ? mx : (T)0;
+    if (sum != sum)
+        return sum; /* a kept NaN */
+    if (cnt > 0 && mx > -(T)INFINITY) {
+        const T top = stab + FN(log_ratio)(b, cnt);
+        const T big = pos > top ? pos : top;
+        return big + LOG_T(EXP1_T(pos - big) + EXP1_T(top - big) * sum);
+    }
+    return pos;
+}
+
 /* One row of the forward pass: the loss -log(e^P / (e^P + K/|M| sum_kept e^{c s})), the
  * row's log-sum-exp (the backward's input) and its kept count. */
 ISA_ATTR static void FN(fwd_row)(const T *sim, T c, const glofnd_rows *b, int64_t r, T *loss,
@@ -266,15 +333,7 @@ ISA_ATTR static void FN(fwd_row)(const T *sim, T c, const glofnd_rows *b, int64_
     T sum = 0;
     for (int l = 0; l < LOSS_LANES; ++l)
         sum += acc[l];
-    const T rho = FN(log_ratio)(b, cnt);
-    T lse = pos;
-    if (sum != sum) {
-        lse = sum; /* a kept NaN */
-    } else if (cnt > 0 && mx > -(T)INFINITY) {
-        const T top = stab + rho;
-        const T big = pos > top ? pos : top;
-        lse = big + LOG_T(EXP1_T(pos - big) + EXP1_T(top - big) * sum);
-    }
+    const T lse = FN(info_nce_lse)(b, pos, mx, sum, cnt);
     loss[r] = lse - pos;
     lse_out[r] = lse;
     kept[r] = cnt;
@@ -399,6 +458,81 @@ ISA_ATTR static void FN(sog_bwd_row)(const T *sim, T c, int shift, int pos_term,
 }
 
 #undef LOSS_ROW_SETUP
+/* The fused step of one group (all rows of data-set index i): count its rows against the
+ * current lambda_i (taking each row's max along), update lambda_i, then sum each row's kept
+ * exponentials against the new lambda_i, the rows still in L1/L2. kind 0: InfoNCE (out0 loss,
+ * out1 lse); kind 1: SogCLR's log-mean-exp with o = the positive (CLIP); kind 2: the same with
+ * o = 0 (out0 the log-mean-exp). thr (R) gets the rows' new lambda. The max over every entry is
+ * the stabiliser; when it is so far above the kept entries that their sum underflows, the kept
+ * max is taken in a third pass. */
+ISA_ATTR static void FN(fused_group)(const T *sim, T c, int kind, const glofnd_rows *b,
+                                     const int64_t *index, glofnd_state *st,
+                                     const glofnd_params *p, const int64_t *rows, int64_t nrows,
+                                     T *out0, T *out1, int64_t *kept, float *thr_out)
+{
+    const int shift = kind == 1;
+    const int64_t i = index[rows[0]], M = b->cols;
+    int64_t above = 0, nfin = 0;
+    const T lam = (T)st->lambda[i];
+    for (int64_t q = 0; q < nrows; ++q) {
+        const int64_t r = rows[q];
+        const T *s = sim + r * M;
+        int64_t lo[3], hi[3];
+        const int ns = FN(spans)(b, r, lo, hi);
+        const T o = shift ? s[b->positive[r]] : (T)0;
+        T mx = -(T)INFINITY;
+        for (int k = 0; k < ns; ++k)
+            FN(span_pass1)(s + lo[k], hi[k] - lo[k], c, o, lam, &mx, &above, &nfin);
+        out0[r] = mx;
+    }
+    if (p->update && nfin > 0)
+        glofnd_internal_update_one(st, i, above, nfin, p);
+    const float lam1 = st->lambda[i];
+    for (int64_t q = 0; q < nrows; ++q) {
+        const int64_t r = rows[q];
+        const T *s = sim + r * M;
+        int64_t lo[3], hi[3];
+        const int ns = FN(spans)(b, r, lo, hi);
+        const T o = shift ? s[b->positive[r]] : (T)0;
+        T mx = out0[r];
+        T acc[LOSS_LANES];
+        for (int l = 0; l < LOSS_LANES; ++l)
+            acc[l] = 0;
+        int64_t cnt = 0;
+        for (int k = 0; k < ns; ++k)
+            FN(span_sumc)(s + lo[k], hi[k] - lo[k], (T)lam1, c, o,
+                          mx > -(T)INFINITY ? mx : (T)0, acc, &cnt);
+        T sum = 0;
+        for (int l = 0; l < LOSS_LANES; ++l)
+            sum += acc[l];
+        if (cnt > 0 && sum < (T)1e-30) { /* underflow: stabilise with the kept max instead */
+            int64_t again = 0;
+            mx = -(T)INFINITY;
+            for (int k = 0; k < ns; ++k)
+                FN(span_max)(s + lo[k], NULL, hi[k] - lo[k], 1, (T)lam1, c, o, &mx, &again);
+            for (int l = 0; l < LOSS_LANES; ++l)
+                acc[l] = 0;
+            for (int k = 0; k < ns; ++k)
+                FN(span_sum)(s + lo[k], NULL, hi[k] - lo[k], 1, (T)lam1, c, o,
+                             mx > -(T)INFINITY ? mx : (T)0, acc);
+            sum = 0;
+            for (int l = 0; l < LOSS_LANES; ++l)
+                sum += acc[l];
+        }
+        thr_out[r] = lam1;
+        kept[r] = cnt;
+        if (kind == 0) {
+            const T pos = c * s[b->positive[r]];
+            const T lse = FN(info_nce_lse)(b, pos, mx, sum, cnt);
+            out0[r] = lse - pos;
+            out1[r] = lse;
+        } else {
+            const T stab = mx > -(T)INFINITY ? mx : (T)0;
+            out0[r] = cnt > 0 ? stab + LOG_T(sum) - LOG_T((T)cnt) : -(T)INFINITY;
+        }
+    }
+}
+
 #undef FN
 #undef LOSS_CAT
 #undef LOSS_CAT_

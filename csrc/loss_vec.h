@@ -163,3 +163,60 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_gsum)(const float *restrict x, const uint8
     memcpy(acc, &a, sizeof a);
     return j;
 }
+
+/* span_pass1 over whole blocks of 16. */
+ISA_ATTR LOSS_INLINE int64_t FN(vspan_pass1)(const float *restrict x, int64_t n, float c, float o,
+                                             float lam, float *mx, int64_t *above, int64_t *nfin)
+{
+    vf_t m = VSPLAT(-INFINITY);
+    vi_t a = (vi_t){0}, f = (vi_t){0};
+    int64_t j = 0;
+    for (; j + VL <= n; j += VL) {
+        const vf_t v = FN(vload)(x + j);
+        const vf_t y = c * (v - o);
+        m = VSEL(y > m, y, m);
+        a -= (v > lam) & (v != (float)INFINITY);
+        f -= (v - v) == 0.0f;
+        if ((j & 0xFFFFF) == 0xFFFF0) { /* 32-bit lane counters: flush long rows */
+            for (int l = 0; l < VL; ++l) {
+                *above += a[l];
+                *nfin += f[l];
+            }
+            a = f = (vi_t){0};
+        }
+    }
+    float out = *mx;
+    for (int l = 0; l < VL; ++l) {
+        out = m[l] > out ? m[l] : out;
+        *above += a[l];
+        *nfin += f[l];
+    }
+    *mx = out;
+    return j;
+}
+
+/* span_sumc over whole blocks of 16. */
+ISA_ATTR LOSS_INLINE int64_t FN(vspan_sumc)(const float *restrict x, int64_t n, float thr, float c,
+                                            float o, float shift, float *restrict acc,
+                                            int64_t *cnt)
+{
+    vf_t a = FN(vload)(acc);
+    vi_t k = (vi_t){0};
+    int64_t j = 0;
+    for (; j + VL <= n; j += VL) {
+        const vf_t v = FN(vload)(x + j);
+        const vi_t f = (v > thr) & (v != (float)INFINITY);
+        const vf_t e = FN(vexp)(c * (v - o) - shift);
+        a += VSEL(f, VSPLAT(0.0f), e);
+        k += 1 + f;
+        if ((j & 0xFFFFF) == 0xFFFF0) {
+            for (int l = 0; l < VL; ++l)
+                *cnt += k[l];
+            k = (vi_t){0};
+        }
+    }
+    for (int l = 0; l < VL; ++l)
+        *cnt += k[l];
+    memcpy(acc, &a, sizeof a);
+    return j;
+}

@@ -204,6 +204,33 @@ static int get_int(PyObject *obj, const char *name, long long lo, long long hi, 
 
 #define GLOFND_MAX_THREADS 1024
 
+/* The four state arrays: exact dtypes, one length n, C-contiguous, writeable, disjoint. */
+static int check_state(PyObject *lam_o, PyObject *m_o, PyObject *v_o, PyObject *t_o,
+                       npy_intp *n_out)
+{
+    if (check_state_array(lam_o, "lambdas", NPY_FLOAT32, "float32", -1) < 0)
+        return -1;
+    const npy_intp n = PyArray_DIM((PyArrayObject *)lam_o, 0);
+    if (check_state_array(m_o, "exp_avg", NPY_FLOAT32, "float32", n) < 0 ||
+        check_state_array(v_o, "exp_avg_sq", NPY_FLOAT32, "float32", n) < 0 ||
+        check_state_array(t_o, "steps", NPY_INT32, "int32", n) < 0)
+        return -1;
+    PyObject *st_o[4] = {lam_o, m_o, v_o, t_o};
+    static const char *st_names[4] = {"lambdas", "exp_avg", "exp_avg_sq", "steps"};
+    for (int a = 0; a < 4; ++a)
+        for (int b2 = a + 1; b2 < 4; ++b2) {
+            const char *pa = PyArray_BYTES((PyArrayObject *)st_o[a]);
+            const char *pb = PyArray_BYTES((PyArrayObject *)st_o[b2]);
+            if (n > 0 && pa < pb + 4 * n && pb < pa + 4 * n) {
+                PyErr_Format(PyExc_ValueError, "%s and %s must not share memory", st_names[a],
+                             st_names[b2]);
+                return -1;
+            }
+        }
+    *n_out = n;
+    return 0;
+}
+
 /* obj as an array of exactly this dtype, dimensions and (for d1 >= 0) shape, C-contiguous and
  * aligned: a borrowed reference, never a copy (the torch layer hands its tensors' memory). NULL
  * with a TypeError/ValueError naming the argument; *out = NULL for None when allowed. */
@@ -283,27 +310,9 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
 
     PyArrayObject *sim = NULL, *index = NULL, *valid = NULL, *mask = NULL, *kept = NULL;
     PyObject *result = NULL;
-    if (check_state_array(lam_o, "lambdas", NPY_FLOAT32, "float32", -1) < 0)
+    npy_intp n;
+    if (check_state(lam_o, m_o, v_o, t_o, &n) < 0)
         return NULL;
-    const npy_intp n = PyArray_DIM((PyArrayObject *)lam_o, 0);
-    if (check_state_array(m_o, "exp_avg", NPY_FLOAT32, "float32", n) < 0 ||
-        check_state_array(v_o, "exp_avg_sq", NPY_FLOAT32, "float32", n) < 0 ||
-        check_state_array(t_o, "steps", NPY_INT32, "int32", n) < 0)
-        return NULL;
-    {
-        PyObject *st_o[4] = {lam_o, m_o, v_o, t_o};
-        static const char *st_names[4] = {"lambdas", "exp_avg", "exp_avg_sq", "steps"};
-        for (int a = 0; a < 4; ++a)
-            for (int b2 = a + 1; b2 < 4; ++b2) {
-                const char *pa = PyArray_BYTES((PyArrayObject *)st_o[a]);
-                const char *pb = PyArray_BYTES((PyArrayObject *)st_o[b2]);
-                if (n > 0 && pa < pb + 4 * n && pb < pa + 4 * n) {
-                    PyErr_Format(PyExc_ValueError, "%s and %s must not share memory",
-                                 st_names[a], st_names[b2]);
-                    return NULL;
-                }
-            }
-    }
 
     if ((sim = as_sim(sim_o)) == NULL)
         goto done;
@@ -620,6 +629,76 @@ static PyObject *py_sogclr_backward(PyObject *self, PyObject *args)
                        log_u_o, kept_o, threads);
 }
 
+static PyObject *py_fused_forward(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *sim_o, *pos_o, *own_o, *index_o, *lam_o, *m_o, *v_o, *t_o;
+    double scale;
+    int kind, update, ratio;
+    long long per_row, optimizer, step, threads;
+    glofnd_params p;
+    if (!PyArg_ParseTuple(args, "OOOOOOOOdiLpdddddddLLpL:fused_forward", &sim_o, &pos_o, &own_o,
+                          &index_o, &lam_o, &m_o, &v_o, &t_o, &scale, &kind, &per_row, &ratio,
+                          &p.alpha, &p.lr, &p.beta1, &p.beta2, &p.eps, &p.lo, &p.hi, &optimizer,
+                          &step, &update, &threads))
+        return NULL;
+    p.optimizer = (int)optimizer;
+    p.step = (int64_t)step;
+    p.update = update;
+    p.num_threads = (int)threads;
+    if (kind < 0 || kind > 2) {
+        PyErr_SetString(PyExc_ValueError, "kind must be 0, 1 or 2");
+        return NULL;
+    }
+    npy_intp n;
+    if (check_params(&p) < 0 || check_state(lam_o, m_o, v_o, t_o, &n) < 0)
+        return NULL;
+    PyArrayObject *sim;
+    glofnd_rows b;
+    if (parse_rows(sim_o, pos_o, own_o, Py_None, Py_None, per_row, ratio, threads, &sim, &b) < 0)
+        return NULL;
+    PyArrayObject *index = as_index(index_o, b.rows, n);
+    if (index == NULL)
+        return NULL;
+    const int typenum = PyArray_TYPE(sim);
+    PyArrayObject *out0 = new_rows_array(&b, 1, typenum);
+    PyArrayObject *out1 = kind == 0 ? new_rows_array(&b, 1, typenum) : NULL;
+    PyArrayObject *kept = new_rows_array(&b, 1, NPY_INT64);
+    PyArrayObject *thr = new_rows_array(&b, 1, NPY_FLOAT32);
+    PyObject *result = NULL;
+    if (out0 != NULL && (out1 != NULL || kind != 0) && kept != NULL && thr != NULL) {
+        glofnd_state st = {PyArray_DATA((PyArrayObject *)lam_o),
+                           PyArray_DATA((PyArrayObject *)m_o),
+                           PyArray_DATA((PyArrayObject *)v_o),
+                           PyArray_DATA((PyArrayObject *)t_o), n};
+        const int64_t *ix = PyArray_DATA(index);
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        if (typenum == NPY_FLOAT32)
+            status = glofnd_fused_fwd_f32(PyArray_DATA(sim), (float)scale, kind, &b, ix, &st, &p,
+                                          PyArray_DATA(out0),
+                                          out1 != NULL ? PyArray_DATA(out1) : NULL,
+                                          PyArray_DATA(kept), PyArray_DATA(thr));
+        else
+            status = glofnd_fused_fwd_f64(PyArray_DATA(sim), scale, kind, &b, ix, &st, &p,
+                                          PyArray_DATA(out0),
+                                          out1 != NULL ? PyArray_DATA(out1) : NULL,
+                                          PyArray_DATA(kept), PyArray_DATA(thr));
+        Py_END_ALLOW_THREADS
+        if (status == GLOFND_ENOMEM)
+            PyErr_NoMemory();
+        else if (rows_status(status) == 0)
+            result = PyTuple_Pack(4, (PyObject *)out0, out1 != NULL ? (PyObject *)out1 : Py_None,
+                                  (PyObject *)kept, (PyObject *)thr);
+    }
+    Py_DECREF(index);
+    Py_XDECREF(out0);
+    Py_XDECREF(out1);
+    Py_XDECREF(kept);
+    Py_XDECREF(thr);
+    return result;
+}
+
 static const char *const isa_names[] = {"base", "avx2", "avx512"};
 
 static PyObject *py_isa(PyObject *self, PyObject *args)
@@ -679,6 +758,12 @@ static PyMethodDef methods[] = {
     {"sogclr_backward", py_sogclr_backward, METH_VARARGS,
      "sogclr_backward(grad, sim, positive, own, thr, removed, scale, shift, pos_term, log_u,\n"
      "kept, num_threads) -> dsim\n\nIts gradient in sim."},
+    {"fused_forward", py_fused_forward, METH_VARARGS,
+     "fused_forward(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq, steps, scale, kind,\n"
+     "per_row, ratio, alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update,\n"
+     "num_threads) -> (out0, out1 or None, kept, thr)\n\nThe losses' forward with GloFND's\n"
+     "update in the same pass (csrc/glofnd.h, glofnd_fused_fwd): kind 0 InfoNCE (loss, lse),\n"
+     "1/2 SogCLR's log-mean-exp with/without the positive's offset. Updates the state in place."},
     {"isa", py_isa, METH_NOARGS,
      "isa() -> str\n\nThe instruction set of the row kernels in use: 'base', 'avx2' or 'avx512'."},
     {"set_isa", py_set_isa, METH_O,

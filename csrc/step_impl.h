@@ -265,7 +265,7 @@ ISA_ATTR static void FN(do_group)(const void *sim_v, const glofnd_batch *b, glof
             }
         }
         if (nvalid > 0)
-            update_one(st, i, above, nvalid, p);
+            glofnd_internal_update_one(st, i, above, nvalid, p);
         if (mask == NULL)
             return;
         const T lam1 = (T)st->lambda[i];

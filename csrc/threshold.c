@@ -12,6 +12,7 @@
  * run time (step_impl.h, rows_avx512.h); rows and the state entries of upcoming groups are
  * prefetched. benchmarks/run.py measures all of it against a plain read of the matrix. */
 #include "glofnd.h"
+#include "internal.h"
 
 #include <float.h>
 #include <math.h>
@@ -101,8 +102,8 @@ static void bias_denominators(double b1, double b2, int64_t t, double *d1, doubl
 
 /* Not inlined: the update arithmetic is compiled once, for the baseline instruction set, and
  * shared by every kernel variant. */
-GLOFND_NOINLINE static void update_one(glofnd_state *st, int64_t i, int64_t above, int64_t nvalid,
-                       const glofnd_params *p)
+GLOFND_NOINLINE void glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above,
+                                               int64_t nvalid, const glofnd_params *p)
 {
     const double g = p->alpha - (double)above / (double)nvalid;
     const int32_t t = st->steps[i] < INT32_MAX ? st->steps[i] + 1 : INT32_MAX;
@@ -127,12 +128,14 @@ GLOFND_NOINLINE static void update_one(glofnd_state *st, int64_t i, int64_t abov
     st->steps[i] = t;
 }
 
-static int check_args(const glofnd_batch *b, const glofnd_state *st, const glofnd_params *p)
+/* The state, the hyper-parameters and the rows' indices, as every kernel needs them. */
+int glofnd_internal_check_state(const int64_t *index, int64_t rows, const glofnd_state *st,
+                                const glofnd_params *p)
 {
-    if (b == NULL || st == NULL || p == NULL || b->rows < 0 || b->cols < 0 || st->n < 0)
+    if (st == NULL || p == NULL || st->n < 0 || rows < 0)
         return GLOFND_EINVAL;
-    if (b->rows > 0 && (b->index == NULL || st->lambda == NULL || st->exp_avg == NULL ||
-                        st->exp_avg_sq == NULL || st->steps == NULL))
+    if (rows > 0 && (index == NULL || st->lambda == NULL || st->exp_avg == NULL ||
+                     st->exp_avg_sq == NULL || st->steps == NULL))
         return GLOFND_EINVAL;
     if (!(p->alpha > 0.0 && p->alpha < 1.0) || !(p->lr >= 0.0) || !isfinite(p->lr) ||
         !(p->beta1 >= 0.0 && p->beta1 < 1.0) || !(p->beta2 >= 0.0 && p->beta2 < 1.0) ||
@@ -140,9 +143,19 @@ static int check_args(const glofnd_batch *b, const glofnd_state *st, const glofn
         !(fabs(p->hi) <= FLT_MAX) || p->step < 0 ||
         (p->optimizer != GLOFND_ADAM && p->optimizer != GLOFND_SGD))
         return GLOFND_EINVAL;
-    for (int64_t r = 0; r < b->rows; ++r)
-        if (b->index[r] < 0 || b->index[r] >= st->n)
+    for (int64_t r = 0; r < rows; ++r)
+        if (index[r] < 0 || index[r] >= st->n)
             return GLOFND_EINDEX;
+    return GLOFND_OK;
+}
+
+static int check_args(const glofnd_batch *b, const glofnd_state *st, const glofnd_params *p)
+{
+    if (b == NULL || b->rows < 0 || b->cols < 0)
+        return GLOFND_EINVAL;
+    const int status = glofnd_internal_check_state(b->index, b->rows, st, p);
+    if (status != GLOFND_OK)
+        return status;
     if (b->n_exclude < 0 || (b->n_exclude > 0 && b->rows > 0 && b->exclude == NULL))
         return GLOFND_EINVAL;
     return GLOFND_OK;
@@ -158,7 +171,7 @@ static inline void prefetch_span(const void *p, size_t bytes)
 
 /* Threads to use: at most the caller's, one per GLOFND_MIN_WORK_PER_THREAD entries, one per
  * group. The bytes written do not depend on it. */
-static int threads_for(int requested, int64_t entries, int64_t groups)
+int glofnd_internal_threads_for(int requested, int64_t entries, int64_t groups)
 {
     int64_t nt = requested > 1 ? requested : 1;
     const int64_t by_work = entries / GLOFND_MIN_WORK_PER_THREAD;
@@ -169,16 +182,9 @@ static int threads_for(int requested, int64_t entries, int64_t groups)
     return (int)nt;
 }
 
-/* Rows grouped by index: group k holds rows order[starts[k] .. starts[k+1]), ascending. */
-typedef struct {
-    void *block;
-    int64_t *order, *starts;
-    int64_t ngroups;
-} grouping;
-
 /* O(R) grouping with an open-addressing table; group ids follow first appearance, which keeps
  * the layout deterministic (and any layout would give the same bytes). */
-static int group_rows(const int64_t *index, int64_t rows, grouping *g)
+int glofnd_internal_group_rows(const int64_t *index, int64_t rows, glofnd_grouping *g)
 {
     int64_t cap = 16;
     while (cap < 2 * rows)
@@ -358,7 +364,7 @@ static group_fn kernel_f64(void)
     }
 }
 
-static inline void prefetch_state(const glofnd_state *st, int64_t i)
+void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i)
 {
     GLOFND_PREFETCH_W(st->lambda + i);
     GLOFND_PREFETCH_W(st->exp_avg + i);
@@ -372,20 +378,21 @@ static int run_step(group_fn fn, const void *sim, const glofnd_batch *b, glofnd_
     int status = check_args(b, st, p);
     if (status != GLOFND_OK || b->rows == 0)
         return status;
-    grouping g;
-    status = group_rows(b->index, b->rows, &g);
+    glofnd_grouping g;
+    status = glofnd_internal_group_rows(b->index, b->rows, &g);
     if (status != GLOFND_OK)
         return status;
 
     const int64_t ngroups = g.ngroups;
-    const int nt = threads_for(p->num_threads, b->rows * b->cols, ngroups);
+    const int nt = glofnd_internal_threads_for(p->num_threads, b->rows * b->cols, ngroups);
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
 #endif
     for (int64_t k = 0; k < ngroups; ++k) {
         if (k + GLOFND_PREFETCH_GROUPS < ngroups)
-            prefetch_state(st, b->index[g.order[g.starts[k + GLOFND_PREFETCH_GROUPS]]]);
+            glofnd_internal_prefetch_state(
+                st, b->index[g.order[g.starts[k + GLOFND_PREFETCH_GROUPS]]]);
         fn(sim, b, st, p, g.order + g.starts[k], g.starts[k + 1] - g.starts[k], mask, kept);
     }
 

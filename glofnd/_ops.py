@@ -357,3 +357,109 @@ sogclr_surrogate = torch.ops.glofnd.sogclr_surrogate
 """``glofnd::sogclr_surrogate(sim, positive, own, thr, removed, scale, shift, pos_term, log_u,
 kept) -> loss``: SogCLR's per-row surrogate (:func:`glofnd.reference.sogclr_surrogate`),
 differentiable in ``sim``. CPU tensors run the fused C kernels (csrc/loss.c)."""
+
+
+# --- the losses' forward with GloFND's update in the same pass -------------------------------
+
+_lib.define(
+    "fused_forward(Tensor sim, Tensor positive, Tensor? own, Tensor index, Tensor(a!) lambdas, "
+    "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) steps, float scale, int kind, "
+    "int per_row, bool ratio, float alpha, float lr, float beta1, float beta2, float eps, "
+    "float lo, float hi, int optimizer, int step, bool update) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _fused_forward_any(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq, steps, scale,
+                       kind, per_row, ratio, alpha, lr, beta1, beta2, eps, lo, hi, optimizer,
+                       step, update):
+    """Any device: the update of :data:`threshold_update`, then the reference formula with the
+    rows' new λ."""
+    exclude = positive.unsqueeze(1) if own is None else torch.stack([positive, own], 1)
+    if update:
+        _threshold_update_any(sim, index, exclude, lambdas, exp_avg, exp_avg_sq, steps, alpha,
+                              lr, beta1, beta2, eps, lo, hi, optimizer, step)
+    else:
+        _check_range(index, lambdas.shape[0])
+    thr = lambdas[index]
+    if kind == 0:
+        loss, lse, kept = reference.info_nce(sim, positive, own, thr, None,
+                                             torch.tensor(scale, dtype=sim.dtype), per_row,
+                                             ratio)
+        return loss, lse, kept, thr
+    out, kept = reference.sogclr_lme(sim, positive, own, thr, None, scale, kind == 1)
+    return out, out.new_empty(0), kept, thr
+
+
+def _fused_forward_cpu(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq, steps, scale,
+                       kind, per_row, ratio, alpha, lr, beta1, beta2, eps, lo, hi, optimizer,
+                       step, update):
+    """CPU: one C kernel (csrc/loss.c, glofnd_fused_fwd) that counts, updates and sums."""
+    if not _use_c():
+        return _fused_forward_any(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq,
+                                  steps, scale, kind, per_row, ratio, alpha, lr, beta1, beta2,
+                                  eps, lo, hi, optimizer, step, update)
+    out0, out1, kept, thr = _C.fused_forward(
+        sim.numpy(), positive.numpy(), _np(own), index.numpy(), lambdas.numpy(),
+        exp_avg.numpy(), exp_avg_sq.numpy(), steps.numpy(), scale, kind, per_row, ratio, alpha,
+        lr, beta1, beta2, eps, lo, hi, optimizer, step, update, torch.get_num_threads())
+    if update:
+        torch.autograd.graph.increment_version((lambdas, exp_avg, exp_avg_sq, steps))
+    out0 = torch.from_numpy(out0)
+    return (out0, out0.new_empty(0) if out1 is None else torch.from_numpy(out1),
+            torch.from_numpy(kept), torch.from_numpy(thr))
+
+
+def _fused_forward_fake(sim, positive, own, index, lambdas, *args):
+    rows = sim.shape[:1]
+    kind = args[5]
+    return (sim.new_empty(rows), sim.new_empty(rows if kind == 0 else (0,)),
+            torch.empty(rows, dtype=torch.int64, device=sim.device),
+            torch.empty(rows, dtype=torch.float32, device=sim.device))
+
+
+_lib.impl("fused_forward", _fused_forward_any, "CompositeExplicitAutograd")
+_lib.impl("fused_forward", _fused_forward_cpu, "CPU")
+torch.library.register_fake("glofnd::fused_forward", _fused_forward_fake, lib=_lib)
+
+fused_forward = torch.ops.glofnd.fused_forward
+"""``glofnd::fused_forward``: the losses' forward pass with GloFND's λ update in the same
+pass over the similarities (no gradient; mutates the state). kind 0: ``(loss, lse, kept, thr)``
+of the InfoNCE; kind 1 / 2: ``(lme, empty, kept, thr)`` of SogCLR with / without the positive's
+offset. ``thr`` (R,) float32 holds the rows' new λ. λ's state is bit-identical to
+:data:`threshold_update` with the own column and positive excluded."""
+
+_lib.define(
+    "info_nce_attach(Tensor sim, Tensor positive, Tensor? own, Tensor? thr, Tensor? removed, "
+    "Tensor scale, int per_row, bool ratio, Tensor loss, Tensor lse, Tensor kept) -> Tensor"
+)
+
+
+def _attach(sim, positive, own, thr, removed, scale, per_row, ratio, loss, lse, kept):
+    return loss.clone()
+
+
+def _attach_fake(sim, positive, own, thr, removed, scale, per_row, ratio, loss, lse, kept):
+    return torch.empty_like(loss)
+
+
+_lib.impl("info_nce_attach", _attach, "CompositeExplicitAutograd")
+torch.library.register_fake("glofnd::info_nce_attach", _attach_fake, lib=_lib)
+
+
+def _attach_setup(ctx, inputs, output):
+    sim, positive, own, thr, removed, scale, per_row, ratio, _, lse, kept = inputs
+    ctx.save_for_backward(sim, positive, own, thr, removed, scale, lse, kept)
+    ctx.per_row, ctx.ratio = per_row, ratio
+
+
+def _attach_grad(ctx, grad):
+    grads = _info_nce_grad(ctx, grad, None, None)
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("glofnd::info_nce_attach", _attach_grad,
+                                setup_context=_attach_setup, lib=_lib)
+
+info_nce_attach = torch.ops.glofnd.info_nce_attach
+"""``glofnd::info_nce_attach``: returns ``loss`` (a copy) with the gradient of
+:data:`info_nce` in ``sim`` and ``scale``, for a forward computed by :data:`fused_forward`."""

@@ -320,11 +320,10 @@ class _Detector(nn.Module):
             ids = index if method == "glofnd" else torch.zeros_like(index)
             local = not (fnd.distributed is not None and D.multi_process(fnd.process_group)) \
                 and fnd.lambdas.device == sim.device
-            if mask_on and local:
-                if update:
-                    fnd._update_excluding(sim.detach(), ids, exclude)
-                thr = fnd.lambdas[ids]
-            elif update or mask_on:
+            if mask_on and local:  # the update rides on the loss's own pass over sim
+                return self._fused_glofnd(prefix, fnd, sim, ids, index, own, positive, per_row,
+                                          scale, u, blocks, update)
+            if update or mask_on:
                 removed, flagged, thr = self._detect(fnd, sim.detach(), index, valid(), None,
                                                      None)
         elif method == "fnc" and mask_on:
@@ -349,6 +348,30 @@ class _Detector(nn.Module):
             n_flagged = n_removed if flagged is removed else Fn.count(flagged)
         self._pending.append((prefix, sim.shape[0] * per_row, n_removed, n_flagged,
                               None if thr is None else thr.detach(), None))
+        return loss
+
+    def _fused_glofnd(self, prefix: str, fnd: GloFND, sim: Tensor, ids: Tensor, index: Tensor,
+                      own: Optional[Tensor], positive: Tensor, per_row: int, scale: Tensor,
+                      u: Optional[Tensor], blocks: int, update: bool) -> Tensor:
+        """:meth:`_fused` for GloFND (or single) with its state here and masks applied: one
+        kernel counts the rows against the current λ, updates λ and computes the forward with
+        the new λ (:data:`glofnd._ops.fused_forward`); the gradient is attached by the InfoNCE's
+        or SogCLR's own backward."""
+        detached = sim.detach()
+        if u is None:
+            loss, lse, kept, thr = fnd._fused_forward(detached, ids, positive, own,
+                                                      float(scale), 0, per_row, update)
+            loss = _ops.info_nce_attach(sim, positive, own, thr, None, scale, per_row, True,
+                                        loss, lse, kept)
+        else:
+            shift = own is None
+            c = float(scale.detach()) if shift else 1.0 / self.temperature
+            log_g, _, kept, thr = fnd._fused_forward(detached, ids, positive, own, c,
+                                                     1 if shift else 2, per_row, update)
+            log_u = self._move_rows_state(u, index, log_g, blocks=blocks)
+            loss = _ops.sogclr_surrogate(sim, positive, own, thr, None, c, shift, not shift,
+                                         log_u, kept)
+        self._pending.append((prefix, sim.shape[0] * per_row, kept, kept, thr, None))
         return loss
 
     def _scale(self, value: float, dtype: torch.dtype) -> Tensor:

@@ -229,6 +229,21 @@ class GloFND(nn.Module):
         with self._lock:
             _ops.threshold_update(*args)
 
+    def _fused_forward(self, sim: Tensor, index: Tensor, positive: Tensor,
+                       own: Optional[Tensor], scale: float, kind: int, per_row: int,
+                       update: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:data:`glofnd._ops.fused_forward` on this state, for the losses: the λ update of
+        :meth:`_update_excluding` (when ``update``) and the loss's forward in one pass."""
+        state = self._check_state()
+        step = self.epoch + 1 if self.bias_correction == "epoch" else 0
+        args = (sim, positive, own, index, *state, scale, kind, per_row, True, self.alpha,
+                self.lr, self.betas[0], self.betas[1], self.eps, self.clamp[0], self.clamp[1],
+                _OPTIMIZERS[self.optimizer], step, bool(update))
+        if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
+            return _ops.fused_forward(*args)
+        with self._lock:
+            return _ops.fused_forward(*args)
+
     def _multi_process(self) -> bool:
         if self.distributed is None:
             return False

@@ -263,3 +263,122 @@ def test_sogclr_same_bytes_for_every_thread_count():
     for other in out[1:]:
         for a, b in zip(out[0], other):
             assert torch.equal(a, b)
+
+
+# ----------------------------------------------- the forward with the update in the same pass
+
+def fused_case(rows, cols, seed, dtype=torch.float32, unimodal=True, n=30):
+    sim, positive, own, _, _ = case(rows, cols, "none", seed, dtype, unimodal)
+    g = torch.Generator().manual_seed(seed + 1)
+    index = torch.randint(0, n, (rows,), generator=g)
+    sim[1, :] = float("nan")
+    sim[2, 3] = float("inf")
+    return sim, positive, own, index
+
+
+ARGS = (0.1, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, 0, 0)  # alpha lr beta1 beta2 eps lo hi opt step
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("update", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_forward_equals_update_then_forward(backend, kind, update, dtype):
+    """One pass that counts, updates λ and sums: the state is bit-identical to
+    threshold_update with the own column and positive excluded, and the outputs equal those of
+    info_nce / sogclr_lme given the new λ (to float rounding: the stabiliser differs)."""
+    unimodal = kind != 1
+    sim, positive, own, index = fused_case(45, 60, kind + 7 * update, dtype, unimodal)
+    state = random_state(30, seed=3)
+    a, b = clone_state(state), clone_state(state)
+    out0, out1, kept, thr = _ops.fused_forward(sim, positive, own, index, *a.values(), 8.0,
+                                               kind, 58, True, *ARGS[:-2], 0, 0, update)
+    exclude = positive.unsqueeze(1) if own is None else torch.stack([positive, own], 1)
+    if update:
+        with _ops.use_backend("reference"):
+            _ops.threshold_update(sim, index, exclude, *b.values(), *ARGS)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert torch.equal(thr, b["lambdas"][index])
+    if kind == 0:
+        want = reference.info_nce(sim, positive, own, thr, None, torch.tensor(8.0, dtype=dtype),
+                                  58, True)
+        got = (out0, out1, kept)
+    else:
+        want = reference.sogclr_lme(sim, positive, own, thr, None, 8.0, kind == 1)
+        got = (out0, kept)
+        assert out1.numel() == 0
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    # row 1 is all NaN, row 2 keeps a +inf: both non-finite (torch's logsumexp gives +inf
+    # where the kernel gives NaN for the latter); the others agree
+    assert torch.isnan(out0[1]) and not torch.isfinite(out0[2]) and not torch.isfinite(want[0][2])
+    finite = torch.ones(45, dtype=torch.bool)
+    finite[1:3] = False
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x[finite], y[finite], rtol=tol, atol=tol)
+
+
+@needs_c
+@pytest.mark.parametrize("kind", [0, 2])
+def test_fused_forward_underflow_falls_back_to_the_kept_max(kind):
+    """A row whose removed entries lie far above its kept ones (scale 100: e^{-150}) would sum
+    to 0 against the max over every entry; the kernel then stabilises with the kept max."""
+    sim = torch.full((4, 6), -0.6)
+    sim[:, 0] = 0.9  # above λ = 0: removed
+    sim[:, 5] = torch.tensor([0.1, 0.2, -0.7, 0.0])  # the positive
+    positive = torch.full((4,), 5)
+    own = torch.full((4,), -1)
+    index = torch.arange(4)
+    state = random_state(4, seed=0)
+    state["lambdas"].zero_()
+    out0, _, kept, thr = _ops.fused_forward(sim, positive, own, index, *state.values(), 100.0,
+                                            kind, 5, True, *ARGS[:-2], 0, 0, False)
+    assert kept.tolist() == [4] * 4
+    if kind == 0:
+        want = reference.info_nce(sim.double(), positive, own, thr, None,
+                                  torch.tensor(100.0, dtype=torch.float64), 5, True)[0]
+    else:
+        want = reference.sogclr_lme(sim.double(), positive, own, thr, None, 100.0, False)[0]
+    assert torch.isfinite(out0).all()
+    torch.testing.assert_close(out0.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_c
+def test_fused_forward_same_bytes_for_every_thread_count_and_instruction_set():
+    sim, positive, own, index = fused_case(400, 333, 2, n=150)
+    out = []
+    isas = [i for i in ("base", "avx2", "avx512") if _isa_available(i)]
+    try:
+        for isa in isas:
+            _ops._C.set_isa(isa)
+            for threads in (1, 2, 4):
+                torch.set_num_threads(threads)
+                state = random_state(150, seed=1)
+                res = _ops.fused_forward(sim, positive, own, index, *state.values(), 10.0, 0,
+                                         331, True, *ARGS[:-2], 0, 0, True)
+                out.append((*res, *state.values()))
+    finally:
+        _ops._C.set_isa(None)
+    for other in out[1:]:
+        for x, y in zip(out[0], other):
+            torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_c
+@pytest.mark.parametrize("bad,exc,name", [
+    ({"kind": 3}, ValueError, "kind"),
+    ({"index": np.array([0, 30])}, IndexError, "index"),
+    ({"lambdas": np.zeros(30, np.float64)}, TypeError, "lambdas"),
+    ({"alpha": 1.5}, ValueError, "alpha"),
+])
+def test_fused_binding_rejects_bad_arguments(bad, exc, name):
+    state = {k: v.numpy() for k, v in random_state(30, seed=0).items()}
+    before = {k: v.copy() for k, v in state.items()}
+    args = dict(sim=np.zeros((2, 3), np.float32), positive=np.array([0, 1]), own=None,
+                index=np.array([0, 1]), **state, scale=1.0, kind=0, per_row=2, ratio=True,
+                alpha=0.1, lr=0.05, beta1=0.9, beta2=0.98, eps=1e-8, lo=-1.0, hi=1.0,
+                optimizer=0, step=0, update=True, num_threads=1)
+    args.update(bad)
+    with pytest.raises(exc, match=name):
+        _ops._C.fused_forward(*args.values())
+    for k in before:
+        assert np.array_equal(before[k], state[k])

@@ -477,9 +477,9 @@ def test_cpu_tensors_go_through_the_c_kernel(monkeypatch):
     img, txt, index, _ = batch(0, dtype=torch.float32)
     img.requires_grad_(True)
     clip(img, txt, SCALE, index).backward()
-    # per direction: the λ update without a mask, then the fused InfoNCE; then its backward
-    assert calls[:4] == [("step", (B, B), False), ("info_nce_forward", (B, B), True)] * 2
-    assert sorted(calls[4:]) == [("info_nce_backward", (B, B), True)] * 2
+    # per direction: one kernel for λ's update and the InfoNCE; then the InfoNCE's backward
+    assert calls[:2] == [("fused_forward", (B, B), True)] * 2
+    assert sorted(calls[2:]) == [("info_nce_backward", (B, B), True)] * 2
 
 
 def test_gathered_step_equals_step(backend):

@@ -1,0 +1,31 @@
+/* Internal interfaces shared by threshold.c and loss.c (not part of the C API in glofnd.h). */
+#ifndef GLOFND_INTERNAL_H
+#define GLOFND_INTERNAL_H
+
+#include "glofnd.h"
+
+/* Rows grouped by index: group k holds rows order[starts[k] .. starts[k+1]), ascending. */
+typedef struct {
+    void *block; /* the one allocation behind order and starts: free() it */
+    int64_t *order, *starts;
+    int64_t ngroups;
+} glofnd_grouping;
+
+/* Groups the rows by index in O(R); GLOFND_ENOMEM when the scratch cannot be allocated. */
+int glofnd_internal_group_rows(const int64_t *index, int64_t rows, glofnd_grouping *g);
+
+/* The state, the hyper-parameters and the rows' indices: GLOFND_OK, EINVAL or EINDEX. */
+int glofnd_internal_check_state(const int64_t *index, int64_t rows, const glofnd_state *st,
+                                const glofnd_params *p);
+
+/* One Adam/SGD step of lambda_i from `above` of `nvalid` valid entries (nvalid > 0). */
+void glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above, int64_t nvalid,
+                                const glofnd_params *p);
+
+/* Threads for `entries` similarities in `groups` groups, at most `requested`. */
+int glofnd_internal_threads_for(int requested, int64_t entries, int64_t groups);
+
+/* Prefetches the state entries of sample i for writing. */
+void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i);
+
+#endif /* GLOFND_INTERNAL_H */
