@@ -535,32 +535,28 @@ def section_c(cfg) -> list[str]:
     return lines
 
 
-LOSS_NOTES = """How the loss step runs on the CPU (SimCLR and CLIP; `glofnd._ops.info_nce`, \
-csrc/loss.c): the InfoNCE of each block of rows is one C kernel, forward and backward, for \
-`method='none'` and `method='glofnd'` alike. The forward reads each row twice (its maximum, then \
-its exponentials, from L1/L2 the second time), the backward once, writing the gradient; the kept \
-negatives are decided entry by entry from the excluded columns (the row's own and its positive, \
-given by index) and, with GloFND, from the row's new λ. Before the loss, GloFND's update runs \
-alone (`want_mask=False`, the same excluded columns): no R x M mask, validity mask or float \
-temporary is made by either variant. What GloFND adds is the update pass over the \
-similarities (its counts and the Adam step of the batch's samples), one comparison per entry \
-in the loss kernel, and the Python of the update call (checks, dispatch, NumPy views: about \
-10-15 µs per call, two calls for CLIP). SogCLR keeps the torch formula (its surrogate is not \
-fused), as do labels (the precision/recall diagnostics need the mask), other devices and \
-`use_backend('reference')`.
+LOSS_NOTES = """How the loss step runs on the CPU (`glofnd._ops`, csrc/loss.c; docs/losses.md): \
+every base computes its rows in C kernels, forward and backward, for `method='none'` and \
+`method='glofnd'` alike; the excluded columns (own, positive) are given by index. With GloFND, \
+one kernel per block of rows (`fused_forward`) counts each data-set index's rows against the \
+current λ while taking their maximum, updates λ, and sums the kept exponentials against the \
+new λ from L1/L2; the backward compares each entry with its row's λ again. No R x M mask, \
+validity mask or float temporary is made by either variant. What GloFND adds: the counts, the \
+Adam step of the batch's samples, one comparison per entry and pass, and the Python and \
+dispatch of the call (about 15-20 µs per block of rows; CLIP has two).
 
-The fused kernel computes exp with its own vectorised polynomial (Cephes' expf, < 2 ulp) and \
-sums in 16 fixed lanes, so its values differ from torch's logsumexp by float32 rounding \
-(tests: rtol 1e-5 on the loss against a float64 formula), are the same for every thread \
-count and instruction set, and make the base loss itself faster than torch's: compare the \
-`none` column with the previous run below.
+The kernels compute exp with their own vectorised polynomial (Cephes' expf, < 2 ulp) and sum in \
+16 fixed lanes, so their values differ from torch's by float32 rounding (tests: rtol 1e-5 \
+against float64 formulas) and are the same for every thread count and instruction set. They \
+also make the base loss itself faster than torch's formula: compare the `none` column with the \
+previous run below.
 
-Before this kernel (the same section on the code of commit 4fb6fe6, 1 thread, CPU time, same \
+Before these kernels (the same section on the code of commit 4fb6fe6, 1 thread, CPU time, same \
 machine, 2026-11-27 00:14 UTC): none / glofnd µs and overhead: simclr 3682 / 4228 (+14.8%) at \
 B = 256 and 60233 / 61975 (+2.9%) at B = 1024; sogclr 3959 / 4314 (+9.0%) and 73314 / 78945 \
-(+7.7%); clip 1481 / 1816 (+22.7%) and 25216 / 26774 (+6.2%). There the loss was torch's \
-where/cat/logsumexp over the kept mask, whose CPU kernels branch on every element of a \
-scattered mask, and the threshold step wrote the mask for it.
+(+7.7%); clip 1481 / 1816 (+22.7%) and 25216 / 26774 (+6.2%). There the losses were torch's \
+where/logsumexp over the kept mask, whose CPU kernels branch on every element of a scattered \
+mask, and the threshold step wrote the mask for them.
 
 Synthetic features: the second view is the first plus 1.5 x N(0, 1) noise (positives at cosine \
 ~0.55). With much closer positives (cosine ~0.9) and CLIP's logit scale 100, exp(s - max) \
@@ -721,16 +717,13 @@ def section_e(cfg) -> list[str]:
     return lines
 
 
-MEMORY_NOTES = """What the extra is: with the fused InfoNCE (SimCLR and CLIP on the CPU) \
-GloFND makes no R x M array at all: the update writes the batch's state entries, the loss \
-kernel compares each similarity with its row's λ (an (R,) vector) as it reads it, and the \
-backward recomputes the same comparison. The extra is then within the granularity of the heap \
-(allocations under 64 KiB come from glibc's heap, which grows and shrinks in steps of 128 KiB \
-and more) and may come out negative. SogCLR keeps the torch path: its extra is the mask the \
-threshold step returns, reused in place as the kept mask that `torch.where` keeps for the \
-backward (`method='none'` keeps the validity mask it shares with the rest of the step). Before \
-the fused kernel (commit 4fb6fe6): extra = 0.89-1.00x the mask for simclr and sogclr, and \
-0.99-1.03x the two masks for CLIP."""
+MEMORY_NOTES = """What the extra is: on the CPU GloFND makes no R x M array at all: the fused \
+kernel writes the batch's state entries and (R,) vectors, and the backward compares each \
+similarity with its row's λ again instead of keeping a mask. The extra is then within the \
+granularity of the heap (allocations under 64 KiB come from glibc's heap, which grows and \
+shrinks in steps of 128 KiB and more) and may come out negative. Before the fused kernels \
+(commit 4fb6fe6): extra = 0.89-1.00x the mask for simclr and sogclr, 0.99-1.03x the two masks \
+for CLIP: the mask the threshold step returned, kept by `torch.where` for the backward."""
 
 
 # ----------------------------------------------------------------------------------- output

@@ -309,9 +309,9 @@ class _Detector(nn.Module):
         processes, a state on another device, masks learned but not yet applied, fnc) build the
         mask as before and hand it to the kernels."""
         method, mask_on = self.method, self.masking
-        exclude = torch.stack([positive, own], 1) if own is not None else positive.unsqueeze(1)
 
         def valid() -> Tensor:
+            exclude = positive.unsqueeze(1) if own is None else torch.stack([positive, own], 1)
             return reference.exclusion_valid(sim, exclude)
 
         thr = removed = flagged = None
@@ -359,8 +359,9 @@ class _Detector(nn.Module):
         or SogCLR's own backward."""
         detached = sim.detach()
         if u is None:
-            loss, lse, kept, thr = fnd._fused_forward(detached, ids, positive, own,
-                                                      float(scale), 0, per_row, update)
+            c = 1.0 / self.temperature if own is not None else float(scale.detach())
+            loss, lse, kept, thr = fnd._fused_forward(detached, ids, positive, own, c, 0,
+                                                      per_row, update)
             loss = _ops.info_nce_attach(sim, positive, own, thr, None, scale, per_row, True,
                                         loss, lse, kept)
         else:

@@ -214,26 +214,13 @@ class GloFND(nn.Module):
         with self._lock:  # one state, one writer: concurrent calls on it are serialised
             return _ops.threshold_step(*args)
 
-    def _update_excluding(self, sim: Tensor, index: Tensor, exclude: Tensor) -> None:
-        """The λ update of :meth:`step` alone, for the losses: the rows' valid entries are all
-        but the columns ``exclude`` (R, k) int64 names (their own column and positive), and no
-        mask is made. ``sim`` (R, M) float32/float64 and ``index`` (R,) int64 are the losses'
-        own, already checked; one process only (the losses take :meth:`step` otherwise)."""
-        state = self._check_state()
-        step = self.epoch + 1 if self.bias_correction == "epoch" else 0
-        args = (sim, index, exclude, *state, self.alpha, self.lr, self.betas[0], self.betas[1],
-                self.eps, self.clamp[0], self.clamp[1], _OPTIMIZERS[self.optimizer], step)
-        if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
-            _ops.threshold_update(*args)
-            return
-        with self._lock:
-            _ops.threshold_update(*args)
-
     def _fused_forward(self, sim: Tensor, index: Tensor, positive: Tensor,
                        own: Optional[Tensor], scale: float, kind: int, per_row: int,
                        update: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """:data:`glofnd._ops.fused_forward` on this state, for the losses: the λ update of
-        :meth:`_update_excluding` (when ``update``) and the loss's forward in one pass."""
+        :meth:`step` (when ``update``; the rows' own column and positive excluded by index, no
+        mask made) and the loss's forward in one pass. The arguments are the losses' own, already
+        checked; one process only (the losses take :meth:`step` otherwise)."""
         state = self._check_state()
         step = self.epoch + 1 if self.bias_correction == "epoch" else 0
         args = (sim, positive, own, index, *state, scale, kind, per_row, True, self.alpha,
