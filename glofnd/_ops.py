@@ -247,6 +247,7 @@ torch.library.register_autograd("glofnd::info_nce", _info_nce_grad,
                                 setup_context=_info_nce_setup, lib=_lib)
 
 info_nce = torch.ops.glofnd.info_nce
+info_nce_backward = torch.ops.glofnd.info_nce_backward
 """``glofnd::info_nce(sim, positive, own, thr, removed, scale, per_row, ratio) -> (loss, lse,
 kept)``: the per-row InfoNCE of the losses with false negatives removed and the kept negatives
 rescaled (:func:`glofnd.reference.info_nce`), differentiable in ``sim`` and ``scale``. CPU
@@ -354,6 +355,7 @@ sogclr_lme = torch.ops.glofnd.sogclr_lme
 """``glofnd::sogclr_lme(sim, positive, own, thr, removed, scale, shift) -> (lme, kept)``:
 SogCLR's per-row log-mean-exp of the kept negatives (:func:`glofnd.reference.sogclr_lme`)."""
 sogclr_surrogate = torch.ops.glofnd.sogclr_surrogate
+sogclr_surrogate_backward = torch.ops.glofnd.sogclr_surrogate_backward
 """``glofnd::sogclr_surrogate(sim, positive, own, thr, removed, scale, shift, pos_term, log_u,
 kept) -> loss``: SogCLR's per-row surrogate (:func:`glofnd.reference.sogclr_surrogate`),
 differentiable in ``sim``. CPU tensors run the fused C kernels (csrc/loss.c)."""
@@ -463,3 +465,117 @@ torch.library.register_autograd("glofnd::info_nce_attach", _attach_grad,
 info_nce_attach = torch.ops.glofnd.info_nce_attach
 """``glofnd::info_nce_attach``: returns ``loss`` (a copy) with the gradient of
 :data:`info_nce` in ``sim`` and ``scale``, for a forward computed by :data:`fused_forward`."""
+
+
+# --- the losses' entry points: straight to the CPU kernels when nothing else would run --------
+
+def _direct(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call may go to the CPU implementation without the dispatcher: eager (not traced),
+    no dispatch or function mode active, plain tensors. The dispatcher would then reach the same
+    Python function, after ~10 µs of argument boxing per call (schemas of 10-22 arguments)."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and all(t is None or type(t) is Tensor for t in tensors))
+
+
+def call_fused_forward(*args):
+    """:data:`fused_forward`, directly on plain eager CPU tensors."""
+    if _direct(*args[:8]) and args[0].device.type == "cpu":
+        return _fused_forward_cpu(*args)
+    return fused_forward(*args)
+
+
+def call_sogclr_lme(*args):
+    """:data:`sogclr_lme`, directly on plain eager CPU tensors."""
+    if _direct(*args[:5]) and args[0].device.type == "cpu":
+        return _sogclr_lme_cpu(*args)
+    return sogclr_lme(*args)
+
+
+class InfoNCE(torch.autograd.Function):
+    """:data:`info_nce` with its gradient in ``sim`` and ``scale``, for the losses; with
+    ``loss, lse, kept`` given (from :data:`fused_forward`), the forward only attaches the
+    gradient. Same values and gradients as the op (``info_nce``/``info_nce_attach``), without the
+    per-call cost of the dispatcher and of torch.library's autograd wrapper in eager mode."""
+
+    @staticmethod
+    def forward(ctx, sim, scale, positive, own, thr, removed, per_row, ratio, loss=None,
+                lse=None, kept=None):
+        if loss is None:
+            args = (sim.detach(), positive, own, thr, removed, scale.detach(), per_row, ratio)
+            if _direct(sim, positive, own, thr, removed, scale) and sim.device.type == "cpu":
+                loss, lse, kept = _info_nce_cpu(*args)
+            else:
+                loss, lse, kept = info_nce(*args)
+        else:
+            loss = loss.clone()
+        ctx.save_for_backward(sim, positive, own, thr, removed, scale, lse, kept)
+        ctx.per_row, ctx.ratio = per_row, ratio
+        ctx.mark_non_differentiable(kept)
+        return loss, kept
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        sim, positive, own, thr, removed, scale, lse, kept = ctx.saved_tensors
+        want = ctx.needs_input_grad[1]
+        args = (grad.contiguous(), sim.detach(), positive, own, thr, removed, scale.detach(),
+                ctx.per_row, ctx.ratio, lse, kept, want)
+        if _direct(grad, sim, positive, own, thr, removed, scale) and sim.device.type == "cpu":
+            dsim, dscale = _info_nce_backward_cpu(*args)
+        else:
+            dsim, dscale = info_nce_backward(*args)
+        dscale = dscale.sum().to(scale.dtype).reshape(scale.shape) if want else None
+        return dsim, dscale, None, None, None, None, None, None, None, None, None
+
+
+class SogCLR(torch.autograd.Function):
+    """:data:`sogclr_surrogate` with its gradient in ``sim``, for the losses (as
+    :class:`InfoNCE`: the same values, without the per-call cost of the dispatcher)."""
+
+    @staticmethod
+    def forward(ctx, sim, positive, own, thr, removed, scale, shift, pos_term, log_u, kept):
+        log_u = log_u.to(sim.dtype).contiguous()
+        args = (sim.detach(), positive, own, thr, removed, scale, shift, pos_term, log_u, kept)
+        if _direct(sim, positive, own, thr, removed, log_u, kept) and sim.device.type == "cpu":
+            out = _sogclr_cpu(*args)
+        else:
+            out = sogclr_surrogate(*args)
+        ctx.save_for_backward(sim, positive, own, thr, removed, log_u, kept)
+        ctx.args = (scale, shift, pos_term)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        sim, positive, own, thr, removed, log_u, kept = ctx.saved_tensors
+        args = (grad.contiguous(), sim.detach(), positive, own, thr, removed, *ctx.args, log_u,
+                kept)
+        if _direct(grad, sim, positive, own, thr, removed, log_u, kept) \
+                and sim.device.type == "cpu":
+            dsim = _sogclr_backward_cpu(*args)
+        else:
+            dsim = sogclr_surrogate_backward(*args)
+        return dsim, None, None, None, None, None, None, None, None, None
+
+
+def info_nce_loss(sim, scale, positive, own, thr, removed, per_row, ratio, loss=None, lse=None,
+                  kept=None):
+    """The losses' InfoNCE: ``(loss, kept)`` with the gradient; :class:`InfoNCE` in eager mode,
+    the custom ops (:data:`info_nce`, :data:`info_nce_attach`) when traced by torch.compile."""
+    if not torch.compiler.is_compiling():
+        return InfoNCE.apply(sim, scale, positive, own, thr, removed, per_row, ratio, loss, lse,
+                             kept)
+    if loss is None:
+        loss, _, kept = info_nce(sim, positive, own, thr, removed, scale, per_row, ratio)
+        return loss, kept
+    return info_nce_attach(sim, positive, own, thr, removed, scale, per_row, ratio, loss, lse,
+                           kept), kept
+
+
+def sogclr_loss(sim, positive, own, thr, removed, scale, shift, pos_term, log_u, kept):
+    """The losses' SogCLR surrogate with the gradient: :class:`SogCLR` in eager mode,
+    :data:`sogclr_surrogate` when traced."""
+    if not torch.compiler.is_compiling():
+        return SogCLR.apply(sim, positive, own, thr, removed, scale, shift, pos_term, log_u,
+                            kept)
+    return sogclr_surrogate(sim, positive, own, thr, removed, scale, shift, pos_term,
+                            log_u.to(sim.dtype), kept)

@@ -332,15 +332,16 @@ class _Detector(nn.Module):
         applied = thr is not None and mask_on or removed is not None
         on_thr = thr if removed is None and applied else None
         if u is None:
-            loss, _, kept = _ops.info_nce(sim, positive, own, on_thr, removed, scale, per_row,
-                                          applied)
+            loss, kept = _ops.info_nce_loss(sim, scale, positive, own, on_thr, removed, per_row,
+                                            applied)
         else:
             c = float(1.0 / self.temperature) if own is not None else float(scale.detach())
             shift = own is None
-            log_g, kept = _ops.sogclr_lme(sim.detach(), positive, own, on_thr, removed, c, shift)
+            log_g, kept = _ops.call_sogclr_lme(sim.detach(), positive, own, on_thr, removed, c,
+                                               shift)
             log_u = self._move_rows_state(u, index, log_g, blocks=blocks)
-            loss = _ops.sogclr_surrogate(sim, positive, own, on_thr, removed, c, shift,
-                                         not shift, log_u, kept)
+            loss = _ops.sogclr_loss(sim, positive, own, on_thr, removed, c, shift, not shift,
+                                     log_u, kept)
         n_removed = kept if applied else None
         if flagged is None:
             n_flagged = n_removed
@@ -362,16 +363,16 @@ class _Detector(nn.Module):
             c = 1.0 / self.temperature if own is not None else float(scale.detach())
             loss, lse, kept, thr = fnd._fused_forward(detached, ids, positive, own, c, 0,
                                                       per_row, update)
-            loss = _ops.info_nce_attach(sim, positive, own, thr, None, scale, per_row, True,
-                                        loss, lse, kept)
+            loss, _ = _ops.info_nce_loss(sim, scale, positive, own, thr, None, per_row, True,
+                                         loss, lse, kept)
         else:
             shift = own is None
             c = float(scale.detach()) if shift else 1.0 / self.temperature
             log_g, _, kept, thr = fnd._fused_forward(detached, ids, positive, own, c,
                                                      1 if shift else 2, per_row, update)
             log_u = self._move_rows_state(u, index, log_g, blocks=blocks)
-            loss = _ops.sogclr_surrogate(sim, positive, own, thr, None, c, shift, not shift,
-                                         log_u, kept)
+            loss = _ops.sogclr_loss(sim, positive, own, thr, None, c, shift, not shift, log_u,
+                                     kept)
         self._pending.append((prefix, sim.shape[0] * per_row, kept, kept, thr, None))
         return loss
 

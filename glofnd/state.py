@@ -229,7 +229,7 @@ class GloFND(nn.Module):
         if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
             return _ops.fused_forward(*args)
         with self._lock:
-            return _ops.fused_forward(*args)
+            return _ops.call_fused_forward(*args)
 
     def _multi_process(self) -> bool:
         if self.distributed is None:

@@ -1,6 +1,7 @@
 """The fused kernels of the losses: the InfoNCE forward and backward (csrc/loss.c) against a
 float64 formula written here and against the torch reference, and the λ update without a mask
 (excluded columns) against the reference step with the same validity as a mask, bit for bit."""
+import contextlib
 import math
 
 import numpy as np
@@ -382,3 +383,47 @@ def test_fused_binding_rejects_bad_arguments(bad, exc, name):
         _ops._C.fused_forward(*args.values())
     for k in before:
         assert np.array_equal(before[k], state[k])
+
+
+# ------------------------------------------------------------- the losses' eager entry points
+
+@needs_c
+def test_eager_functions_equal_the_ops():
+    """The losses' autograd.Functions (eager, no dispatcher) give the ops' values and
+    gradients; under a dispatch mode they go through the ops (the mode sees the calls)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    sim, positive, own, thr, _ = case(20, 30, "thr", 8)
+    out = []
+    for mode in (None, Seen()):
+        s = sim.clone().requires_grad_()
+        c = torch.tensor(5.0, requires_grad=True)
+        with mode if mode is not None else contextlib.nullcontext():
+            loss, kept = _ops.info_nce_loss(s, c, positive, own, thr, None, 28, True)
+            lme, k2 = _ops.call_sogclr_lme(sim, positive, own, thr, None, 5.0, False)
+            sog = _ops.sogclr_loss(s, positive, own, thr, None, 5.0, False, True, lme, k2)
+            (loss.sum() + sog.sum()).backward()
+        out.append((loss.detach(), kept, sog.detach(), s.grad, c.grad))
+        if mode is not None:
+            assert {"glofnd.info_nce.default", "glofnd.sogclr_lme.default",
+                    "glofnd.info_nce_backward.default"} <= mode.ops
+    ref = []
+    s = sim.clone().requires_grad_()
+    c = torch.tensor(5.0, requires_grad=True)
+    loss, _, kept = _ops.info_nce(s, positive, own, thr, None, c, 28, True)
+    lme, k2 = _ops.sogclr_lme(sim, positive, own, thr, None, 5.0, False)
+    sog = _ops.sogclr_surrogate(s, positive, own, thr, None, 5.0, False, True, lme, k2)
+    (loss.sum() + sog.sum()).backward()
+    ref = (loss.detach(), kept, sog.detach(), s.grad, c.grad)
+    for got in out:
+        for x, y in zip(got, ref):
+            assert torch.equal(x, y)
