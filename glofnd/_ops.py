@@ -478,6 +478,13 @@ def _direct(*tensors: Optional[Tensor]) -> bool:
             and all(t is None or type(t) is Tensor for t in tensors))
 
 
+def call_threshold_step(*args):
+    """:data:`threshold_step`, directly on plain eager CPU tensors (``GloFND.step``)."""
+    if _direct(*args[:7]) and args[0].device.type == "cpu":
+        return _threshold_step_cpu(*args)
+    return threshold_step(*args)
+
+
 def call_fused_forward(*args):
     """:data:`fused_forward`, directly on plain eager CPU tensors."""
     if _direct(*args[:8]) and args[0].device.type == "cpu":

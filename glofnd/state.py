@@ -212,7 +212,7 @@ class GloFND(nn.Module):
                     _dist.record_write(self, torch.unique(args[1]))
                 return out
         with self._lock:  # one state, one writer: concurrent calls on it are serialised
-            return _ops.threshold_step(*args)
+            return _ops.call_threshold_step(*args)
 
     def _fused_forward(self, sim: Tensor, index: Tensor, positive: Tensor,
                        own: Optional[Tensor], scale: float, kind: int, per_row: int,

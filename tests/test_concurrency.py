@@ -122,8 +122,8 @@ def test_one_state_calls_are_serialised(backend, monkeypatch):
             ref.step(s, i)
 
     fnd = glofnd.GloFND(N, alpha=0.1, lr=0.2)
-    probe = _Probe(fnd, _ops.threshold_step)
-    monkeypatch.setattr(state_mod._ops, "threshold_step", probe)
+    probe = _Probe(fnd, _ops.call_threshold_step)
+    monkeypatch.setattr(state_mod._ops, "call_threshold_step", probe)
     _run_threads([lambda bs=bs: [fnd.step(s, i) for s, i in bs] for bs in batches])
 
     assert probe.calls == 24 and probe.max_active == 1 and probe.unlocked == 0

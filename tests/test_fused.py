@@ -427,3 +427,30 @@ def test_eager_functions_equal_the_ops():
     for got in out:
         for x, y in zip(got, ref):
             assert torch.equal(x, y)
+
+
+@needs_c
+def test_glofnd_step_under_a_dispatch_mode_goes_through_the_op():
+    """GloFND.step calls the CPU kernel directly in plain eager mode and through the dispatcher
+    under a dispatch mode: the same bytes either way, and the mode sees the op."""
+    import glofnd
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        ops: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    sim, _, _, index = fused_case(40, 30, 3)
+    out = []
+    for mode in (contextlib.nullcontext(), Seen()):
+        fnd = glofnd.GloFND(30, alpha=0.1)
+        with mode:
+            mask, kept = fnd.step(sim, index)
+        out.append((mask, kept, *fnd.state_dict().values()))
+    assert "glofnd.threshold_step.default" in Seen.ops
+    for x, y in zip(*out):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
