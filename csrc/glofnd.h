@@ -37,13 +37,17 @@ typedef struct {
     int64_t n_exclude;
 } glofnd_batch;
 
-/* Per-sample state, n entries each: threshold, Adam moments, update count. */
+/* Per-sample state, n entries each: threshold, Adam moments, update count. Entry i of each array
+ * lies at index i * stride (strides in elements, >= 1): 1 for separate arrays; 4 for one
+ * interleaved (n, 4) block, where a sample's four entries share one cache line and a step at
+ * large n touches one line per sample instead of four. */
 typedef struct {
     float *lambda;
     float *exp_avg;
     float *exp_avg_sq;
     int32_t *steps;
     int64_t n;
+    int64_t lambda_stride, exp_avg_stride, exp_avg_sq_stride, steps_stride;
 } glofnd_state;
 
 typedef struct {

@@ -25,6 +25,12 @@ void glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above, int6
 /* Threads for `entries` similarities in `groups` groups, at most `requested`. */
 int glofnd_internal_threads_for(int requested, int64_t entries, int64_t groups);
 
+/* The state entries of sample i. */
+#define GLOFND_LAMBDA(st, i) ((st)->lambda[(i) * (st)->lambda_stride])
+#define GLOFND_EXP_AVG(st, i) ((st)->exp_avg[(i) * (st)->exp_avg_stride])
+#define GLOFND_EXP_AVG_SQ(st, i) ((st)->exp_avg_sq[(i) * (st)->exp_avg_sq_stride])
+#define GLOFND_STEPS(st, i) ((st)->steps[(i) * (st)->steps_stride])
+
 /* Prefetches the state entries of sample i for writing. */
 void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i);
 

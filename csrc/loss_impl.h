@@ -473,7 +473,7 @@ ISA_ATTR static void FN(fused_group)(const T *sim, T c, int kind, const glofnd_r
     const int shift = kind == 1;
     const int64_t i = index[rows[0]], M = b->cols;
     int64_t above = 0, nfin = 0;
-    const T lam = (T)st->lambda[i];
+    const T lam = (T)GLOFND_LAMBDA(st, i);
     for (int64_t q = 0; q < nrows; ++q) {
         const int64_t r = rows[q];
         const T *s = sim + r * M;
@@ -487,7 +487,7 @@ ISA_ATTR static void FN(fused_group)(const T *sim, T c, int kind, const glofnd_r
     }
     if (p->update && nfin > 0)
         glofnd_internal_update_one(st, i, above, nfin, p);
-    const float lam1 = st->lambda[i];
+    const float lam1 = GLOFND_LAMBDA(st, i);
     for (int64_t q = 0; q < nrows; ++q) {
         const int64_t r = rows[q];
         const T *s = sim + r * M;

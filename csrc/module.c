@@ -36,11 +36,22 @@ static int check_state_array(PyObject *obj, const char *name, int typenum, const
                      (Py_ssize_t)n);
         return -1;
     }
-    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a) || !PyArray_ISALIGNED(a)) {
-        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous, aligned and writeable", name);
+    const npy_intp stride = PyArray_STRIDE(a, 0);
+    if ((PyArray_DIM(a, 0) > 1 && (stride <= 0 || stride % 4 != 0)) || !PyArray_ISWRITEABLE(a) ||
+        !PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must be aligned, writeable, with a positive stride of whole elements "
+                     "(contiguous, or a column of an interleaved (n, k) block)", name);
         return -1;
     }
     return 0;
+}
+
+/* The element stride of a state array (1 for length 0 or 1). */
+static int64_t state_stride(PyObject *obj)
+{
+    PyArrayObject *a = (PyArrayObject *)obj;
+    return PyArray_DIM(a, 0) > 1 ? (int64_t)(PyArray_STRIDE(a, 0) / 4) : 1;
 }
 
 /* Element strides of a 2-D array, or -1 when a byte stride is not a multiple of the item. */
@@ -204,7 +215,17 @@ static int get_int(PyObject *obj, const char *name, long long lo, long long hi, 
 
 #define GLOFND_MAX_THREADS 1024
 
-/* The four state arrays: exact dtypes, one length n, C-contiguous, writeable, disjoint. */
+static glofnd_state state_of(PyObject *lam_o, PyObject *m_o, PyObject *v_o, PyObject *t_o,
+                             npy_intp n)
+{
+    glofnd_state st = {PyArray_DATA((PyArrayObject *)lam_o), PyArray_DATA((PyArrayObject *)m_o),
+                       PyArray_DATA((PyArrayObject *)v_o), PyArray_DATA((PyArrayObject *)t_o),
+                       n, state_stride(lam_o), state_stride(m_o), state_stride(v_o),
+                       state_stride(t_o)};
+    return st;
+}
+
+/* The four state arrays: exact dtypes, one length n, writeable, positive strides, disjoint. */
 static int check_state(PyObject *lam_o, PyObject *m_o, PyObject *v_o, PyObject *t_o,
                        npy_intp *n_out)
 {
@@ -215,13 +236,19 @@ static int check_state(PyObject *lam_o, PyObject *m_o, PyObject *v_o, PyObject *
         check_state_array(v_o, "exp_avg_sq", NPY_FLOAT32, "float32", n) < 0 ||
         check_state_array(t_o, "steps", NPY_INT32, "int32", n) < 0)
         return -1;
+    /* no element shared: byte ranges apart, or the same stride and offsets that differ by a
+     * non-multiple of it (the columns of one interleaved block) */
     PyObject *st_o[4] = {lam_o, m_o, v_o, t_o};
     static const char *st_names[4] = {"lambdas", "exp_avg", "exp_avg_sq", "steps"};
     for (int a = 0; a < 4; ++a)
         for (int b2 = a + 1; b2 < 4; ++b2) {
             const char *pa = PyArray_BYTES((PyArrayObject *)st_o[a]);
             const char *pb = PyArray_BYTES((PyArrayObject *)st_o[b2]);
-            if (n > 0 && pa < pb + 4 * n && pb < pa + 4 * n) {
+            const int64_t sa = state_stride(st_o[a]), sb = state_stride(st_o[b2]);
+            const char *ea = pa + 4 * sa * (n - 1) + 4, *eb = pb + 4 * sb * (n - 1) + 4;
+            const int apart = pa >= eb || pb >= ea;
+            const int interleaved = sa == sb && (pa - pb) % (4 * sa) != 0;
+            if (n > 0 && !apart && !interleaved) {
                 PyErr_Format(PyExc_ValueError, "%s and %s must not share memory", st_names[a],
                              st_names[b2]);
                 return -1;
@@ -348,8 +375,7 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
         b.exclude = PyArray_DATA(exclude);
         b.n_exclude = PyArray_DIM(exclude, 1);
     }
-    glofnd_state st = {PyArray_DATA((PyArrayObject *)lam_o), PyArray_DATA((PyArrayObject *)m_o),
-                       PyArray_DATA((PyArrayObject *)v_o), PyArray_DATA((PyArrayObject *)t_o), n};
+    glofnd_state st = state_of(lam_o, m_o, v_o, t_o, n);
     int status;
     Py_BEGIN_ALLOW_THREADS
     if (PyArray_TYPE(sim) == NPY_FLOAT32)
@@ -667,10 +693,7 @@ static PyObject *py_fused_forward(PyObject *self, PyObject *args)
     PyArrayObject *thr = new_rows_array(&b, 1, NPY_FLOAT32);
     PyObject *result = NULL;
     if (out0 != NULL && (out1 != NULL || kind != 0) && kept != NULL && thr != NULL) {
-        glofnd_state st = {PyArray_DATA((PyArrayObject *)lam_o),
-                           PyArray_DATA((PyArrayObject *)m_o),
-                           PyArray_DATA((PyArrayObject *)v_o),
-                           PyArray_DATA((PyArrayObject *)t_o), n};
+        glofnd_state st = state_of(lam_o, m_o, v_o, t_o, n);
         const int64_t *ix = PyArray_DATA(index);
         int status;
         Py_BEGIN_ALLOW_THREADS

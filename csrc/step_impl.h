@@ -250,7 +250,7 @@ ISA_ATTR static void FN(do_group)(const void *sim_v, const glofnd_batch *b, glof
     const int64_t i = b->index[rows[0]];
     if (p->update) {
         int64_t above = 0, nvalid = 0;
-        const T lam = (T)st->lambda[i];
+        const T lam = (T)GLOFND_LAMBDA(st, i);
         for (int64_t k = 0; k < nrows; ++k) {
             int64_t row_valid = 0;
             FN(count_row)(sim, b, rows[k], lam, &above, &row_valid);
@@ -268,7 +268,7 @@ ISA_ATTR static void FN(do_group)(const void *sim_v, const glofnd_batch *b, glof
             glofnd_internal_update_one(st, i, above, nvalid, p);
         if (mask == NULL)
             return;
-        const T lam1 = (T)st->lambda[i];
+        const T lam1 = (T)GLOFND_LAMBDA(st, i);
         for (int64_t k = 0; k < nrows; ++k) {
             FN(mask_counted_row)(sim, b, rows[k], lam1, mask, kept + rows[k]);
             if (b->exclude != NULL)
@@ -278,7 +278,7 @@ ISA_ATTR static void FN(do_group)(const void *sim_v, const glofnd_batch *b, glof
     }
     if (mask == NULL)
         return;
-    const T lam = (T)st->lambda[i];
+    const T lam = (T)GLOFND_LAMBDA(st, i);
     for (int64_t k = 0; k < nrows; ++k) {
         kept[rows[k]] = FN(mask_row)(sim, b, rows[k], lam, mask);
         if (b->exclude != NULL)

@@ -106,33 +106,34 @@ GLOFND_NOINLINE void glofnd_internal_update_one(glofnd_state *st, int64_t i, int
                                                int64_t nvalid, const glofnd_params *p)
 {
     const double g = p->alpha - (double)above / (double)nvalid;
-    const int32_t t = st->steps[i] < INT32_MAX ? st->steps[i] + 1 : INT32_MAX;
-    const double lam = (double)st->lambda[i];
+    const int32_t t = GLOFND_STEPS(st, i) < INT32_MAX ? GLOFND_STEPS(st, i) + 1 : INT32_MAX;
+    const double lam = (double)GLOFND_LAMBDA(st, i);
     double next;
     if (p->optimizer == GLOFND_ADAM) {
-        const double m = p->beta1 * (double)st->exp_avg[i] + (1.0 - p->beta1) * g;
-        const double v = p->beta2 * (double)st->exp_avg_sq[i] + (1.0 - p->beta2) * g * g;
+        const double m = p->beta1 * (double)GLOFND_EXP_AVG(st, i) + (1.0 - p->beta1) * g;
+        const double v = p->beta2 * (double)GLOFND_EXP_AVG_SQ(st, i) + (1.0 - p->beta2) * g * g;
         const int64_t tb = p->step > 0 ? p->step : (int64_t)t;
         double d1, d2;
         bias_denominators(p->beta1, p->beta2, tb, &d1, &d2);
         const double mhat = m / d1;
         const double vhat = v / d2;
         next = lam - p->lr * mhat / (sqrt(vhat) + p->eps);
-        st->exp_avg[i] = (float)m;
-        st->exp_avg_sq[i] = (float)v;
+        GLOFND_EXP_AVG(st, i) = (float)m;
+        GLOFND_EXP_AVG_SQ(st, i) = (float)v;
     } else {
         next = lam - p->lr * g;
     }
     next = next < p->lo ? p->lo : (next > p->hi ? p->hi : next);
-    st->lambda[i] = (float)next;
-    st->steps[i] = t;
+    GLOFND_LAMBDA(st, i) = (float)next;
+    GLOFND_STEPS(st, i) = t;
 }
 
 /* The state, the hyper-parameters and the rows' indices, as every kernel needs them. */
 int glofnd_internal_check_state(const int64_t *index, int64_t rows, const glofnd_state *st,
                                 const glofnd_params *p)
 {
-    if (st == NULL || p == NULL || st->n < 0 || rows < 0)
+    if (st == NULL || p == NULL || st->n < 0 || rows < 0 || st->lambda_stride < 1 ||
+        st->exp_avg_stride < 1 || st->exp_avg_sq_stride < 1 || st->steps_stride < 1)
         return GLOFND_EINVAL;
     if (rows > 0 && (index == NULL || st->lambda == NULL || st->exp_avg == NULL ||
                      st->exp_avg_sq == NULL || st->steps == NULL))
@@ -366,10 +367,10 @@ static group_fn kernel_f64(void)
 
 void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i)
 {
-    GLOFND_PREFETCH_W(st->lambda + i);
-    GLOFND_PREFETCH_W(st->exp_avg + i);
-    GLOFND_PREFETCH_W(st->exp_avg_sq + i);
-    GLOFND_PREFETCH_W(st->steps + i);
+    GLOFND_PREFETCH_W(&GLOFND_LAMBDA(st, i));
+    GLOFND_PREFETCH_W(&GLOFND_EXP_AVG(st, i));
+    GLOFND_PREFETCH_W(&GLOFND_EXP_AVG_SQ(st, i));
+    GLOFND_PREFETCH_W(&GLOFND_STEPS(st, i));
 }
 
 static int run_step(group_fn fn, const void *sim, const glofnd_batch *b, glofnd_state *st,

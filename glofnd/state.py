@@ -20,6 +20,32 @@ _STATE = (("lambdas", torch.float32), ("exp_avg", torch.float32),
 _BIAS_CORRECTION = ("sample", "epoch")
 
 
+def _interleaved(size: int, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Zeroed state of ``size`` samples: λ_i and its two moments as the columns of one (size, 3)
+    float32 block, so that a step over a large data set touches about two cache lines per
+    sample (these 12 bytes and the count) instead of four (docs/benchmarks.md, section d);
+    ``steps`` a separate int32 vector (torch.compile cannot trace in-place updates of views of
+    one storage with different dtypes)."""
+    if device is None or torch.device(device).type == "cpu":
+        # NumPy's allocator asks the kernel for transparent huge pages on large blocks (torch's
+        # does not): at N = 10^7 that saves a TLB miss per state access
+        block = torch.from_numpy(np.zeros((size, 3), dtype=np.float32))
+        steps = torch.from_numpy(np.zeros(size, dtype=np.int32))
+    else:
+        block = torch.zeros(size, 3, dtype=torch.float32, device=device)
+        steps = torch.zeros(size, dtype=torch.int32, device=device)
+    return block[:, 0], block[:, 1], block[:, 2], steps
+
+
+def _is_interleaved(state: tuple[Tensor, ...]) -> bool:
+    """Whether the buffers are laid out as :func:`_interleaved` makes them."""
+    base = state[0]
+    return (all(t.dim() == 1 and t.stride() == (3,) for t in state[:3])
+            and all(t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+                    and t.storage_offset() == base.storage_offset() + k
+                    for k, t in enumerate(state[:3])))
+
+
 def check_batch(sim: Tensor, index: Tensor, valid: Optional[Tensor], num_samples: int,
                 check_index: bool = True) -> None:
     """Validates one batch; raises TypeError/ValueError/IndexError naming the argument."""
@@ -99,7 +125,9 @@ class GloFND(nn.Module):
     in the batch keeps its state (λ stays finite whatever the similarities hold).
 
     State (float32, saved in ``state_dict``): ``lambdas``, ``exp_avg``, ``exp_avg_sq`` (N,), and
-    ``steps`` (N,) int32. CPU tensors run the C kernel (multi-threaded, bit-identical for any
+    ``steps`` (N,) int32. On the CPU the three float32 vectors are the columns of one (N, 3) block
+    (a sample's 12 bytes share a cache line, so that a step's cost hardly grows with N); any 1-D
+    buffers of the right dtype and length work too. CPU tensors run the C kernel (multi-threaded, bit-identical for any
     thread count); others run the pure-torch reference on their own device.
 
     Threads: calls on one module are serialised by its lock (the result is that of some serial
@@ -162,10 +190,10 @@ class GloFND(nn.Module):
         if self.distributed == "sharded":  # (rank, world size) fixed at construction
             self.shard = _dist.world(process_group)
             size = _dist.shard_size(num_samples, *self.shard)
-        self.register_buffer("lambdas", torch.full((size,), init, dtype=torch.float32))
-        self.register_buffer("exp_avg", torch.zeros(size, dtype=torch.float32))
-        self.register_buffer("exp_avg_sq", torch.zeros(size, dtype=torch.float32))
-        self.register_buffer("steps", torch.zeros(size, dtype=torch.int32))
+        block = _interleaved(size)
+        block[0].fill_(init)
+        for (name, _), view in zip(_STATE, block):
+            self.register_buffer(name, view)
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch used by ``bias_correction="epoch"`` (t = epoch + 1)."""
@@ -263,9 +291,10 @@ class GloFND(nn.Module):
             if not isinstance(t, Tensor) or t.dtype != dtype:
                 got = t.dtype if isinstance(t, Tensor) else type(t).__name__
                 raise TypeError(f"the state buffer {name} must have dtype {dtype}, got {got}")
-            if t.shape != (n,) or not t.is_contiguous():
-                raise ValueError(f"the state buffer {name} must be contiguous of shape "
-                                 f"({n},), got {tuple(t.shape)}")
+            if t.shape != (n,) or (n > 1 and t.stride(0) < 1):
+                raise ValueError(f"the state buffer {name} must be 1-D of shape ({n},) with a "
+                                 f"positive stride, got shape {tuple(t.shape)}, stride "
+                                 f"{t.stride()}")
             if t.device != device:
                 raise ValueError(f"the state buffer {name} is on {t.device}, lambdas on "
                                  f"{device}")
@@ -292,13 +321,39 @@ class GloFND(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
-        # .to(device) moves the state; .double()/.half() must not change its float32 dtype
-        super()._apply(fn, recurse)
+        # .to(device) moves the state; .double()/.half() leave it float32, values untouched (a
+        # cast there and back would round λ to the cast's precision)
+        def keep_dtype(t):
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(out.device)
+        super()._apply(keep_dtype, recurse)
         _dist.forget_write(self)
         for name in ("lambdas", "exp_avg", "exp_avg_sq"):
             if getattr(self, name).dtype != torch.float32:
                 setattr(self, name, getattr(self, name).float())
+        self._interleave()
         return self
+
+    def _interleave(self) -> None:
+        """Puts λ and its moments back into one (N, 3) block on the CPU after a conversion copied
+        the buffers apart (values unchanged; other devices keep separate buffers)."""
+        state = tuple(self._buffers.get(name) for name, _ in _STATE)
+        if not all(isinstance(t, Tensor) and t.device.type == "cpu" and t.dim() == 1
+                   and t.dtype == dtype for t, (_, dtype) in zip(state, _STATE)) \
+                or len({t.shape for t in state}) != 1 or _is_interleaved(state):
+            return
+        block = _interleaved(state[0].shape[0])
+        for (name, _), new, old in zip(_STATE[:3], block, state):
+            new.copy_(old)
+            self._buffers[name] = new
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # four separate contiguous tensors, the checkpoint format of every version
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, _ in _STATE:
+            t = destination.get(prefix + name)
+            if isinstance(t, Tensor) and not t.is_contiguous():
+                destination[prefix + name] = t.clone(memory_format=torch.contiguous_format)
 
     def get_extra_state(self):
         if self.distributed == "sharded":

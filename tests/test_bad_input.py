@@ -241,7 +241,9 @@ ROWS = [
     Row(ARR, "steps-int64", _st("steps", lambda a: a.astype(np.int64)), TypeError, "steps"),
     Row(ARR, "steps-short", _st("steps", lambda a: a[:-1].copy()), ValueError, "steps"),
     Row(ARR, "lambdas-2d", _st("lambdas", lambda a: a[None].copy()), ValueError, "lambdas"),
-    Row(ARR, "exp_avg-strided", _st("exp_avg", _strided), ValueError, "exp_avg"),
+    # the binding takes strided state (columns of an interleaved block), the NumPy API does not
+    Row(NP, "exp_avg-strided", _st("exp_avg", _strided), ValueError, "exp_avg"),
+    Row(ARR, "exp_avg-reversed", _st("exp_avg", lambda a: a[::-1]), ValueError, "exp_avg"),
     Row(ARR, "exp_avg_sq-readonly", _st("exp_avg_sq", _readonly), ValueError, "exp_avg_sq"),
     Row(ARR, "exp_avg-aliases-lambdas", lambda ctx: _st("exp_avg", lambda a: (
         ctx["kwargs"].get("lambdas", ctx["state"]["lambdas"])))(ctx), ValueError, "exp_avg"),
@@ -369,8 +371,10 @@ ROWS = [
     Row(MOD, "lambdas-float64", {}, TypeError, "lambdas",
         prepare=_buffer("lambdas", lambda t: t.double())),
     Row(MOD, "steps-int64", {}, TypeError, "steps", prepare=_buffer("steps", lambda t: t.long())),
-    Row(MOD, "exp_avg-strided", {}, ValueError, "exp_avg",
-        prepare=_buffer("exp_avg", lambda t: t.repeat_interleave(2)[::2])),
+    Row(MOD, "exp_avg-2d", {}, ValueError, "exp_avg",
+        prepare=_buffer("exp_avg", lambda t: t[:, None].clone())),
+    Row(MOD, "exp_avg-expanded", {}, ValueError, "exp_avg",
+        prepare=_buffer("exp_avg", lambda t: t[:1].expand(t.shape[0]))),
     Row(MOD, "exp_avg_sq-short", {}, ValueError, "exp_avg_sq",
         prepare=_buffer("exp_avg_sq", lambda t: t[:-1].clone())),
     Row(MOD, "state-meta", {}, ValueError, "sim", prepare=lambda ctx: ctx["module"].to("meta")),

@@ -130,3 +130,46 @@ def test_bad_batch_leaves_state(backend, sim, index, valid, exc, name):
         fnd(sim, index, valid)
     for k in STATE:
         assert torch.equal(before[k], getattr(fnd, k)), k
+
+
+# ------------------------------------------------------------------------- the state's layout
+
+def test_cpu_state_is_interleaved_and_stays_so():
+    """λ, m, v are the columns of one (N, 3) block (steps separate) at construction, after
+    dtype casts and device no-ops, and after loading a checkpoint; state_dict saves four
+    separate contiguous tensors (the format of every version)."""
+    from glofnd.state import _is_interleaved
+
+    def layout(m):
+        return _is_interleaved(tuple(getattr(m, k) for k in STATE))
+
+    fnd = glofnd.GloFND(50, alpha=0.2)
+    assert layout(fnd)
+    for sim, idx in batches(50, 3):
+        fnd(sim, idx)
+    before = {k: getattr(fnd, k).clone() for k in STATE}
+    fnd.double().half().float().to("cpu")
+    assert layout(fnd)
+    for k in STATE:
+        assert torch.equal(getattr(fnd, k), before[k]), k
+    sd = fnd.state_dict()
+    assert all(sd[k].is_contiguous() for k in STATE)
+    other = glofnd.GloFND(50, alpha=0.2)
+    other.load_state_dict(sd)
+    assert layout(other)
+    for k in STATE:
+        assert torch.equal(getattr(other, k), before[k]), k
+
+
+@pytest.mark.parametrize("replace", [None, "lambdas", "exp_avg_sq"])
+def test_any_layout_gives_the_same_bytes(backend, replace):
+    """Interleaved, separate and mixed buffers (one replaced by a contiguous tensor) step alike."""
+    a, b = glofnd.GloFND(30, alpha=0.2), glofnd.GloFND(30, alpha=0.2)
+    for k in STATE:  # b: four separate contiguous buffers
+        setattr(b, k, getattr(b, k).clone(memory_format=torch.contiguous_format))
+    if replace is not None:
+        setattr(a, replace, getattr(a, replace).clone(memory_format=torch.contiguous_format))
+    for sim, idx in batches(30, 4):
+        assert torch.equal(a(sim, idx), b(sim, idx))
+    for k in STATE:
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
