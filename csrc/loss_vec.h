@@ -164,34 +164,43 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_gsum)(const float *restrict x, const uint8
     return j;
 }
 
-/* span_pass1 over whole blocks of 16. */
+/* span_pass1 over whole blocks of 16. Non-finite entries are rare: the loop only notes whether
+ * one occurred (x - x is NaN exactly for them) and counts x > lam; when one did, the counts of
+ * the blocks are redone exactly by the scalar loop (the max is right either way). */
 ISA_ATTR LOSS_INLINE int64_t FN(vspan_pass1)(const float *restrict x, int64_t n, float c, float o,
                                              float lam, float *mx, int64_t *above, int64_t *nfin)
 {
-    vf_t m = VSPLAT(-INFINITY);
-    vi_t a = (vi_t){0}, f = (vi_t){0};
-    int64_t j = 0;
+    vf_t m = VSPLAT(-INFINITY), z = VSPLAT(0.0f);
+    vi_t a = (vi_t){0};
+    int64_t j = 0, a_total = 0;
     for (; j + VL <= n; j += VL) {
         const vf_t v = FN(vload)(x + j);
         const vf_t y = c * (v - o);
         m = VSEL(y > m, y, m);
-        a -= (v > lam) & (v != (float)INFINITY);
-        f -= (v - v) == 0.0f;
+        a -= v > lam;
+        z += v - v;
         if ((j & 0xFFFFF) == 0xFFFF0) { /* 32-bit lane counters: flush long rows */
-            for (int l = 0; l < VL; ++l) {
-                *above += a[l];
-                *nfin += f[l];
-            }
-            a = f = (vi_t){0};
+            for (int l = 0; l < VL; ++l)
+                a_total += a[l];
+            a = (vi_t){0};
         }
     }
-    float out = *mx;
+    float out = *mx, zs = 0.0f;
     for (int l = 0; l < VL; ++l) {
         out = m[l] > out ? m[l] : out;
-        *above += a[l];
-        *nfin += f[l];
+        a_total += a[l];
+        zs += z[l];
     }
     *mx = out;
+    if (zs == 0.0f) { /* all finite */
+        *above += a_total;
+        *nfin += j;
+    } else {
+        for (int64_t q = 0; q < j; ++q) {
+            *above += (x[q] > lam) & (x[q] != INFINITY);
+            *nfin += (x[q] - x[q]) == 0.0f;
+        }
+    }
     return j;
 }
 
