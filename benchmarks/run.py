@@ -580,6 +580,16 @@ B = 256 and 60233 / 61975 (+2.9%) at B = 1024; sogclr 3959 / 4314 (+9.0%) and 73
 where/logsumexp over the kept mask, whose CPU kernels branch on every element of a scattered \
 mask, and the threshold step wrote the mask for them.
 
+Run-to-run spread: the large outputs of a step (the gradient of the similarities, 1-16 MiB \
+here) are fresh glibc allocations, which the kernel maps with page faults when glibc has \
+returned the memory of the last step to it; this adds tens of µs to either variant at random \
+and moves the B = 256 overheads by about ±1 point between runs. Told to keep freed memory, \
+which any CPU training loop can do, `MALLOC_MMAP_THRESHOLD_=1000000000 \
+MALLOC_TRIM_THRESHOLD_=4000000000 python benchmarks/run.py --only c --threads 1 --no-write` \
+gave (2026-11-27, same machine, CPU time, none / glofnd µs): simclr 2738 / 2837 (+3.6%) and \
+39655 / 40469 (+2.1%), sogclr 3102 / 3183 (+2.6%) and 42805 / 43327 (+1.2%), clip 1163 / \
+1273 (+9.5%) and 16602 / 17091 (+2.9%) at B = 256 and 1024.
+
 Synthetic features: the second view is the first plus 1.5 x N(0, 1) noise (positives at cosine \
 ~0.55). With much closer positives (cosine ~0.9) and CLIP's logit scale 100, exp(s - max) \
 underflows into float32 subnormals in torch's path and every variant's step costs ~3x as much, \
