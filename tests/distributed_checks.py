@@ -15,7 +15,6 @@ import os
 import socket
 import time
 import traceback
-import warnings
 
 import torch
 import torch.distributed as dist

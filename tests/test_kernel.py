@@ -39,12 +39,10 @@ def make_batch(shape, dtype, layout, edge, state, seed):
         sim[:, 0] = lam_rows
         sim[:, -1] = lam_rows
     elif edge == "nonfinite":
-        flat = sim.view(-1) if sim.is_contiguous() else None
         pos = torch.randint(0, rows * cols, (max(1, rows * cols // 5),), generator=g)
         vals = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
         for k, p in enumerate(pos.tolist()):
             sim[p // cols, p % cols] = vals[k % 3]
-        del flat
     elif edge == "invalid_rows":
         valid[::2] = False
         sim[1::3] = float("nan")

@@ -223,7 +223,7 @@ def test_set_isa_rejects_unknown_name():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_module_matches_reference(threads):
     """GloFND on CPU tensors (C path) against the same module routed to the reference."""
-    from glofnd import GloFND, _ops
+    from glofnd import GloFND
 
     gen = torch.Generator().manual_seed(0)
     n, b, cols = 200, 32, 64
