@@ -295,69 +295,77 @@ class _Detector(nn.Module):
 
     def _fused(self, prefix: str, fnd: Optional[GloFND], sim: Tensor, index: Tensor,
                own: Optional[Tensor], positive: Tensor, per_row: int, scale: Tensor,
-               u: Optional[Tensor] = None, blocks: int = 1) -> Tensor:
+               u: Optional[Tensor] = None, blocks: int = 1,
+               row_labels: Optional[Tensor] = None, col_labels: Optional[Tensor] = None
+               ) -> Tensor:
         """One block of rows through the fused C kernels (CPU): returns the per-row losses and
         records the diagnostics, as :meth:`_detect`, :meth:`_kept` and the torch formulas of
         :mod:`glofnd.functional` together would. ``u`` None: the InfoNCE
         (:data:`glofnd._ops.info_nce`, scale c = 1/τ or the logit scale); else SogCLR with that
         moving average (:data:`glofnd._ops.sogclr_surrogate`; unimodal when ``own`` is given,
-        else CLIP's d = s − s_pos with τ = 1/scale).
+        else CLIP's d = s − s_pos with τ = 1/scale). ``row_labels``/``col_labels``: the labels
+        of the rows and columns, for the precision/recall diagnostics (and ``oracle``).
 
-        With GloFND's state in this process, the rows' λ are updated without a mask (the own
-        column and positive excluded by index) and the kernels compare each entry with its row's
-        new λ as they read it: no (R, M) mask or validity mask is made. Other set-ups (several
-        processes, a state on another device, masks learned but not yet applied, fnc) build the
-        mask as before and hand it to the kernels."""
+        With GloFND's state in this process and masks applied, one kernel updates the rows' λ
+        and computes the forward (:meth:`_fused_glofnd`): no (R, M) mask or validity mask is
+        made unless labels ask for the diagnostics. Other set-ups (several processes, a state on
+        another device, masks learned but not yet applied, fnc, oracle) build the method's mask
+        as before and hand it to the kernels."""
         method, mask_on = self.method, self.masking
+        memo: list[Tensor] = []
 
         def valid() -> Tensor:
-            exclude = positive.unsqueeze(1) if own is None else torch.stack([positive, own], 1)
-            return reference.exclusion_valid(sim, exclude)
+            if not memo:
+                exclude = (positive.unsqueeze(1) if own is None
+                           else torch.stack([positive, own], 1))
+                memo.append(reference.exclusion_valid(sim, exclude))
+            return memo[0]
 
-        thr = removed = flagged = None
-        if method in ("glofnd", "single"):
+        if method in ("glofnd", "single") and mask_on and fnd.lambdas.device == sim.device \
+                and not (fnd.distributed is not None and D.multi_process(fnd.process_group)):
+            # the update rides on the loss's own pass over sim
             update = self.training and self.epoch >= self.start_update
             ids = index if method == "glofnd" else torch.zeros_like(index)
-            local = not (fnd.distributed is not None and D.multi_process(fnd.process_group)) \
-                and fnd.lambdas.device == sim.device
-            if mask_on and local:  # the update rides on the loss's own pass over sim
-                return self._fused_glofnd(prefix, fnd, sim, ids, index, own, positive, per_row,
-                                          scale, u, blocks, update)
-            if update or mask_on:
-                removed, flagged, thr = self._detect(fnd, sim.detach(), index, valid(), None,
-                                                     None)
-        elif method == "fnc" and mask_on:
-            flagged, thr = Fn.fnc_mask(sim.detach(), valid(), self.alpha)
-            removed = flagged
-        applied = thr is not None and mask_on or removed is not None
-        on_thr = thr if removed is None and applied else None
+            return self._fused_glofnd(prefix, fnd, sim, ids, index, own, positive, per_row,
+                                      scale, u, blocks, update, row_labels, col_labels, valid)
+        removed = flagged = thr = None
+        if method != "none":
+            removed, flagged, thr = self._detect(fnd, sim.detach(), index, valid(), row_labels,
+                                                 col_labels)
+        applied = removed is not None
         if u is None:
-            loss, kept = _ops.info_nce_loss(sim, scale, positive, own, on_thr, removed, per_row,
+            loss, kept = _ops.info_nce_loss(sim, scale, positive, own, None, removed, per_row,
                                             applied)
         else:
             c = float(1.0 / self.temperature) if own is not None else float(scale.detach())
             shift = own is None
-            log_g, kept = _ops.call_sogclr_lme(sim.detach(), positive, own, on_thr, removed, c,
+            log_g, kept = _ops.call_sogclr_lme(sim.detach(), positive, own, None, removed, c,
                                                shift)
             log_u = self._move_rows_state(u, index, log_g, blocks=blocks)
-            loss = _ops.sogclr_loss(sim, positive, own, on_thr, removed, c, shift, not shift,
-                                     log_u, kept)
+            loss = _ops.sogclr_loss(sim, positive, own, None, removed, c, shift, not shift,
+                                    log_u, kept)
         n_removed = kept if applied else None
-        if flagged is None:
+        if flagged is None or flagged is removed:
             n_flagged = n_removed
         else:
-            n_flagged = n_removed if flagged is removed else Fn.count(flagged)
+            n_flagged = Fn.count(flagged)
+        rows = None
+        if row_labels is not None and flagged is not None:
+            rows = Fn.score_counts(flagged, Fn.label_mask(row_labels, col_labels, valid()))
         self._pending.append((prefix, sim.shape[0] * per_row, n_removed, n_flagged,
-                              None if thr is None else thr.detach(), None))
+                              None if thr is None else thr.detach(), rows))
         return loss
 
     def _fused_glofnd(self, prefix: str, fnd: GloFND, sim: Tensor, ids: Tensor, index: Tensor,
                       own: Optional[Tensor], positive: Tensor, per_row: int, scale: Tensor,
-                      u: Optional[Tensor], blocks: int, update: bool) -> Tensor:
+                      u: Optional[Tensor], blocks: int, update: bool,
+                      row_labels: Optional[Tensor], col_labels: Optional[Tensor],
+                      valid) -> Tensor:
         """:meth:`_fused` for GloFND (or single) with its state here and masks applied: one
         kernel counts the rows against the current λ, updates λ and computes the forward with
         the new λ (:data:`glofnd._ops.fused_forward`); the gradient is attached by the InfoNCE's
-        or SogCLR's own backward."""
+        or SogCLR's own backward. With labels, the flags (finite valid entries above the new λ,
+        the threshold step's mask) are made for the precision/recall diagnostics only."""
         detached = sim.detach()
         if u is None:
             c = 1.0 / self.temperature if own is not None else float(scale.detach())
@@ -373,7 +381,12 @@ class _Detector(nn.Module):
             log_u = self._move_rows_state(u, index, log_g, blocks=blocks)
             loss = _ops.sogclr_loss(sim, positive, own, thr, None, c, shift, not shift, log_u,
                                      kept)
-        self._pending.append((prefix, sim.shape[0] * per_row, kept, kept, thr, None))
+        rows = None
+        if row_labels is not None:
+            flagged = (detached > thr.to(detached.dtype).unsqueeze(1)) & (detached != math.inf)
+            flagged &= valid()
+            rows = Fn.score_counts(flagged, Fn.label_mask(row_labels, col_labels, valid()))
+        self._pending.append((prefix, sim.shape[0] * per_row, kept, kept, thr, rows))
         return loss
 
     def _scale(self, value: float, dtype: torch.dtype) -> Tensor:
@@ -615,10 +628,13 @@ class GloFNDLoss(_Detector):
         own = torch.where(first, off + r, total + off + r - b)       # the row's own column
         positive = torch.where(first, total + off + r, off + r - b)  # its other view
         ids = torch.cat([index, index])
-        if labels is None and _ops.fused_available(sim):
+        if _ops.fused_available(sim):
+            lab = None if labels is None else torch.cat([labels, labels])
+            col_lab = None if labels is None else torch.cat([all_labels, all_labels])
             self._start_stats(self.masking)
             per_row = self._fused("", self.fnd, sim, ids, own, positive, 2 * total - 2,
-                                  self._scale(1.0 / self.temperature, sim.dtype), self.u, 2)
+                                  self._scale(1.0 / self.temperature, sim.dtype), self.u, 2,
+                                  lab, col_lab)
             return per_row.mean()
         col = torch.arange(2 * total, device=sim.device).unsqueeze(0)
         valid = (col != own.unsqueeze(1)) & (col != positive.unsqueeze(1))
@@ -755,9 +771,9 @@ class GloFNDClipLoss(_Detector):
         positive = off + torch.arange(b, device=img.device)
         self._start_stats(self.masking)
         clip = self.base == "clip"
-        if labels is None and _ops.fused_available(sims[0]):
+        if _ops.fused_available(sims[0]):
             terms = [self._fused(name + "_", fnd, s.contiguous(), index, None, positive,
-                                 total - 1, scale, u).mean()
+                                 total - 1, scale, u, 1, labels, all_labels).mean()
                      for name, s, fnd, u in (("image", sims[0], self.fnd_image, self.u_image),
                                              ("text", sims[1], self.fnd_text, self.u_text))]
             self._join_entries()

@@ -694,3 +694,37 @@ def test_module_on_another_device_than_the_features_is_an_error():
     z0, z1, index, _ = batch(0, dtype=torch.float32)
     with pytest.raises(ValueError, match="device|on meta|state"):
         loss(z0, z1, index)
+
+
+@pytest.mark.parametrize("kind", ["simclr", "sogclr", "clip", "clip-sogclr"])
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_path_with_labels_gives_the_reference_diagnostics(kind, method):
+    """With labels (precision/recall diagnostics, oracle), the CPU losses still run the fused
+    kernels; their diagnostics are the reference path's exactly (integer counts, bit-identical
+    λ), their values the same to float32 rounding."""
+    if _ops.implementation != "c":
+        pytest.skip("C extension not built")
+    out = []
+    for name in ("c", "reference"):
+        with glofnd.use_backend(name):
+            if kind.startswith("clip"):
+                loss = glofnd.GloFNDClipLoss(20, alpha=0.2, method=method, init_lambda=0.3,
+                                             base="sogclr" if kind == "clip-sogclr" else "clip")
+            else:
+                loss = glofnd.GloFNDLoss(20, alpha=0.2, method=method, init_lambda=0.3,
+                                         base=kind)
+            values, stats = [], []
+            for s in range(3):
+                z0, z1, index, labels = batch(s, dtype=torch.float32)
+                args = (z0, z1, SCALE, index, labels) if kind.startswith("clip") else \
+                    (z0, z1, index, labels)
+                values.append(loss(*args))
+                stats.append(loss.last_stats)
+        out.append((torch.stack(values), stats))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(out[0][1], out[1][1]):
+        assert got.keys() == want.keys()
+        for k in got:  # the same floats, NaN where undefined on both
+            assert got[k] == want[k] or (math.isnan(got[k]) and math.isnan(want[k])), k
+    if method != "none":
+        assert any("precision" in k for k in out[0][1][-1])
