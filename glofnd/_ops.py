@@ -469,12 +469,24 @@ info_nce_attach = torch.ops.glofnd.info_nce_attach
 
 # --- the losses' entry points: straight to the CPU kernels when nothing else would run --------
 
+try:  # torch's own checks for active modes (private: without them, always dispatch)
+    _dispatch_depth = torch._C._len_torch_dispatch_stack
+    _function_mode = torch._C._is_torch_function_mode_enabled
+    _dispatch_depth(), _function_mode()
+except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - other torch versions
+    def _dispatch_depth() -> int:
+        return 1
+
+    def _function_mode() -> bool:
+        return True
+
+
 def _direct(*tensors: Optional[Tensor]) -> bool:
     """Whether a call may go to the CPU implementation without the dispatcher: eager (not traced),
     no dispatch or function mode active, plain tensors. The dispatcher would then reach the same
     Python function, after ~10 µs of argument boxing per call (schemas of 10-22 arguments)."""
-    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._is_torch_function_mode_enabled()
+    return (not torch.compiler.is_compiling() and _dispatch_depth() == 0
+            and not _function_mode()
             and all(t is None or type(t) is Tensor for t in tensors))
 
 

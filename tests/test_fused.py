@@ -454,3 +454,22 @@ def test_glofnd_step_under_a_dispatch_mode_goes_through_the_op():
     for x, y in zip(*out):
         if isinstance(x, torch.Tensor):
             assert torch.equal(x, y)
+
+
+@needs_c
+def test_losses_go_through_the_ops_when_modes_cannot_be_checked(monkeypatch):
+    """Without torch's private mode checks (another torch version), every call dispatches: the
+    same values and gradients."""
+    import glofnd
+
+    def run():
+        loss = glofnd.GloFNDLoss(30, alpha=0.2, init_lambda=0.3)
+        z = torch.randn(6, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        value = loss(z, z.detach() + 0.1, torch.arange(6))
+        value.backward()
+        return value.detach(), z.grad, loss.fnd.lambdas.clone()
+
+    direct = run()
+    monkeypatch.setattr(_ops, "_dispatch_depth", lambda: 1)
+    for x, y in zip(direct, run()):
+        assert torch.equal(x, y)
