@@ -30,11 +30,6 @@ typedef struct {
     const int64_t *index;
     const uint8_t *valid;
     int64_t valid_row_stride, valid_col_stride;
-    /* Columns excluded from row r besides valid: exclude[r * n_exclude + k], those outside
-     * [0, cols) ignored, a repeated one counted once (e.g. the row's own column and its positive,
-     * so that a loss needs no R x M validity mask). NULL: none. */
-    const int64_t *exclude;
-    int64_t n_exclude;
 } glofnd_batch;
 
 /* Per-sample state, n entries each: threshold, Adam moments, update count. Entry i of each array
@@ -66,8 +61,7 @@ typedef struct {
  * the current lambda (all rows of one index pooled), then write mask[r*M + j] = 1 where entry
  * (r, j) is valid and above the new lambda of index[r], and kept[r] = valid entries not masked.
  * Non-finite entries (NaN, +-inf) are never valid: never counted, never flagged; an index with no
- * valid entry keeps its state. mask (R*M) and kept (R) are contiguous outputs; with mask == NULL
- * only the update runs (kept may then be NULL too). */
+ * valid entry keeps its state. mask (R*M) and kept (R) are contiguous outputs. */
 int glofnd_step_f32(const float *sim, const glofnd_batch *batch, glofnd_state *state,
                     const glofnd_params *params, uint8_t *mask, int64_t *kept);
 int glofnd_step_f64(const double *sim, const glofnd_batch *batch, glofnd_state *state,

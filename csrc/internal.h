@@ -4,6 +4,20 @@
 
 #include "glofnd.h"
 
+/* Each kernel family is compiled for the baseline instruction set and, with GCC or Clang on
+ * x86-64, also for AVX2 and AVX-512 (picked at run time by glofnd_isa(): portable builds, no
+ * -march needed). GLOFND_ATTR_AVX2 / GLOFND_ATTR_AVX512 select them per function. */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(GLOFND_NO_DISPATCH)
+#define GLOFND_X86_DISPATCH 1
+#define GLOFND_ATTR_AVX2 __attribute__((target("avx2")))
+#if defined(__clang__)
+#define GLOFND_ATTR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#else
+#define GLOFND_ATTR_AVX512                                                                      \
+    __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512")))
+#endif
+#endif
+
 /* Rows grouped by index: group k holds rows order[starts[k] .. starts[k+1]), ascending. */
 typedef struct {
     void *block; /* the one allocation behind order and starts: free() it */

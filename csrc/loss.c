@@ -38,20 +38,28 @@
  * reduction x = n ln2 + r, |r| <= ln2/2, the degree-7 polynomial of Cephes' expf for e^r, and
  * 2^n built from the exponent bits. Relative error below 2 ulp over [-87.3, 88.7]; below that
  * the result is 0 (e^x underflows float32's normal range), above it +inf, NaN stays NaN. */
+#define LOSS_EXP_CORE(V, SPLAT, xc, k, p)                                                       \
+    /* k: xc log2(e) + 1.5 * 2^23 (the addition rounds it to an integer n), p: e^r */           \
+    const V k = (xc) * 1.44269504088896341f + 12582912.0f;                                      \
+    V p;                                                                                        \
+    {                                                                                           \
+        const V n_ = k - 12582912.0f;                                                           \
+        const V r_ = ((xc) - n_ * 0.693359375f) - n_ * -2.12194440e-4f;                         \
+        p = SPLAT(1.9875691500e-4f);                                                            \
+        p = p * r_ + 1.3981999507e-3f;                                                          \
+        p = p * r_ + 8.3334519073e-3f;                                                          \
+        p = p * r_ + 4.1665795894e-2f;                                                          \
+        p = p * r_ + 1.6666665459e-1f;                                                          \
+        p = p * r_ + 5.0000001201e-1f;                                                          \
+        p = (p * (r_ * r_) + r_) + 1.0f;                                                        \
+    }
+#define LOSS_SCALAR(x) (x)
+
+/* The scalar exp; loss_vec.h's vexp runs the same LOSS_EXP_CORE on 16 lanes (the same bytes). */
 static inline float exp_f32(float x)
 {
     const float xc = x < -87.33654f ? -87.33654f : (x > 88.7f ? 88.7f : x);
-    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    const float k = xc * 1.44269504088896341f + magic;
-    const float n = k - magic;
-    const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = (p * (r * r) + r) + 1.0f;
+    LOSS_EXP_CORE(float, LOSS_SCALAR, xc, k, p)
     uint32_t kb, sb;
     memcpy(&kb, &k, sizeof kb);
     sb = (kb - 0x4B400000u + 127u) << 23; /* the biased exponent of 2^n */
@@ -66,9 +74,6 @@ static inline float exp_f32(float x)
 #define EXP_F32(x) exp_f32(x)
 #define EXP_F64(x) exp(x)
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(GLOFND_NO_DISPATCH)
-#define LOSS_X86_DISPATCH 1
-#endif
 
 #define T float
 #define EXP_T EXP_F32
@@ -79,17 +84,13 @@ static inline float exp_f32(float x)
 #include "loss_impl.h"
 #undef SUF
 #undef ISA_ATTR
-#ifdef LOSS_X86_DISPATCH
-#define ISA_ATTR __attribute__((target("avx2")))
+#ifdef GLOFND_X86_DISPATCH
+#define ISA_ATTR GLOFND_ATTR_AVX2
 #define SUF f32_avx2
 #include "loss_impl.h"
 #undef SUF
 #undef ISA_ATTR
-#if defined(__clang__)
-#define ISA_ATTR __attribute__((target("avx512f,avx512bw,avx512vl")))
-#else
-#define ISA_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512")))
-#endif
+#define ISA_ATTR GLOFND_ATTR_AVX512
 /* AVX-512: the float loops in vector extensions (loss_vec.h), which the compiler does not
  * derive from the scalar loops (their selects and maxima stay scalar); narrower instruction
  * sets lower those 16-lane vectors badly and keep the scalar loops. The lanes are the same, so
@@ -152,7 +153,7 @@ typedef struct {
 static const kernels_f32 *f32_kernels(void)
 {
     static const kernels_f32 base = LOSS_KERNELS(f32_base);
-#ifdef LOSS_X86_DISPATCH
+#ifdef GLOFND_X86_DISPATCH
     static const kernels_f32 avx2 = LOSS_KERNELS(f32_avx2);
     static const kernels_f32 avx512 = LOSS_KERNELS(f32_avx512);
     switch (glofnd_isa()) {

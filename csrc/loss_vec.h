@@ -15,23 +15,13 @@ typedef uint8_t vb_t __attribute__((vector_size(VL)));
 #define VSEL(m, a, b) ((vf_t)(((vi_t)(a) & (m)) | ((vi_t)(b) & ~(m))))
 #endif
 
-/* exp_f32 of loss.c lane by lane: the same operations, so the same bytes. */
+/* exp_f32 of loss.c lane by lane: the same LOSS_EXP_CORE, so the same bytes. */
 ISA_ATTR LOSS_INLINE vf_t FN(vexp)(vf_t x)
 {
     const vi_t below = x < -87.33654f, above = x > 88.7f;
     vf_t xc = VSEL(below, VSPLAT(-87.33654f), x);
     xc = VSEL(above, VSPLAT(88.7f), xc);
-    const float magic = 12582912.0f;
-    const vf_t k = xc * 1.44269504088896341f + magic;
-    const vf_t n = k - magic;
-    const vf_t r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
-    vf_t p = VSPLAT(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = (p * (r * r) + r) + 1.0f;
+    LOSS_EXP_CORE(vf_t, VSPLAT, xc, k, p)
     const vu_t sb = ((vu_t)k - 0x4B400000u + 127u) << 23;
     vf_t y = p * (vf_t)sb;
     y = VSEL(below, VSPLAT(0.0f), y);

@@ -295,12 +295,11 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
     (void)self;
     static char *kwlist[] = {"sim", "index", "valid", "lambdas", "exp_avg", "exp_avg_sq",
                              "steps", "alpha", "lr", "beta1", "beta2", "eps", "lo", "hi",
-                             "optimizer", "step", "update", "num_threads", "exclude",
-                             "want_mask", NULL};
+                             "optimizer", "step", "update", "num_threads", NULL};
     PyObject *sim_o, *index_o, *valid_o, *lam_o, *m_o, *v_o, *t_o;
-    PyObject *o[13] = {NULL};
+    PyObject *o[11] = {NULL};
     glofnd_params p = {0.01, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, GLOFND_ADAM, 0, 1, 1};
-    long long optimizer = p.optimizer, step = 0, update = 1, threads = 1, want_mask = 1;
+    long long optimizer = p.optimizer, step = 0, update = 1, threads = 1;
     /* CPython reports an extra keyword only by count when all others are given: name it */
     PyObject *key;
     Py_ssize_t pos = 0;
@@ -313,10 +312,10 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
             return NULL;
         }
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$OOOOOOOOOOOOO", kwlist,
-                                     &sim_o, &index_o, &valid_o, &lam_o, &m_o, &v_o, &t_o, &o[0],
-                                     &o[1], &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
-                                     &o[9], &o[10], &o[11], &o[12]))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$OOOOOOOOOOO", kwlist, &sim_o,
+                                     &index_o, &valid_o, &lam_o, &m_o, &v_o, &t_o, &o[0], &o[1],
+                                     &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9],
+                                     &o[10]))
         return NULL;
     if (get_double(o[0], "alpha", &p.alpha) < 0 || get_double(o[1], "lr", &p.lr) < 0 ||
         get_double(o[2], "beta1", &p.beta1) < 0 || get_double(o[3], "beta2", &p.beta2) < 0 ||
@@ -325,8 +324,7 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
         get_int(o[7], "optimizer", 0, 1, &optimizer) < 0 ||
         get_int(o[8], "step", 0, INT64_MAX, &step) < 0 ||
         get_int(o[9], "update", 0, 1, &update) < 0 ||
-        get_int(o[10], "num_threads", 0, GLOFND_MAX_THREADS, &threads) < 0 ||
-        get_int(o[12], "want_mask", 0, 1, &want_mask) < 0)
+        get_int(o[10], "num_threads", 0, GLOFND_MAX_THREADS, &threads) < 0)
         return NULL;
     p.optimizer = (int)optimizer;
     p.step = (int64_t)step;
@@ -348,20 +346,14 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
         goto done;
     if (valid_o != Py_None && (valid = as_valid(valid_o, rows, cols)) == NULL)
         goto done;
-    PyArrayObject *exclude = NULL;
-    if (o[11] != NULL &&
-        exact_array(o[11], "exclude", NPY_INT64, 2, rows, -1, 1, &exclude) < 0)
-        goto done;
 
     npy_intp mdims[2] = {rows, cols};
-    if (want_mask) {
-        mask = (PyArrayObject *)PyArray_EMPTY(2, mdims, NPY_BOOL, 0);
-        kept = (PyArrayObject *)PyArray_EMPTY(1, mdims, NPY_INT64, 0);
-        if (mask == NULL || kept == NULL)
-            goto done;
-    }
+    mask = (PyArrayObject *)PyArray_EMPTY(2, mdims, NPY_BOOL, 0);
+    kept = (PyArrayObject *)PyArray_EMPTY(1, mdims, NPY_INT64, 0);
+    if (mask == NULL || kept == NULL)
+        goto done;
 
-    glofnd_batch b = {rows, cols, 0, 1, PyArray_DATA(index), NULL, 0, 1, NULL, 0};
+    glofnd_batch b = {rows, cols, 0, 1, PyArray_DATA(index), NULL, 0, 1};
     if (element_strides(sim, &b.row_stride, &b.col_stride) < 0) {
         PyErr_SetString(PyExc_ValueError, "sim has strides that are not whole elements");
         goto done;
@@ -371,30 +363,22 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
         b.valid_row_stride = PyArray_STRIDE(valid, 0);
         b.valid_col_stride = PyArray_STRIDE(valid, 1);
     }
-    if (exclude != NULL) {
-        b.exclude = PyArray_DATA(exclude);
-        b.n_exclude = PyArray_DIM(exclude, 1);
-    }
     glofnd_state st = state_of(lam_o, m_o, v_o, t_o, n);
     int status;
     Py_BEGIN_ALLOW_THREADS
     if (PyArray_TYPE(sim) == NPY_FLOAT32)
-        status = glofnd_step_f32(PyArray_DATA(sim), &b, &st, &p,
-                                 mask != NULL ? PyArray_DATA(mask) : NULL,
-                                 kept != NULL ? PyArray_DATA(kept) : NULL);
+        status = glofnd_step_f32(PyArray_DATA(sim), &b, &st, &p, PyArray_DATA(mask),
+                                 PyArray_DATA(kept));
     else
-        status = glofnd_step_f64(PyArray_DATA(sim), &b, &st, &p,
-                                 mask != NULL ? PyArray_DATA(mask) : NULL,
-                                 kept != NULL ? PyArray_DATA(kept) : NULL);
+        status = glofnd_step_f64(PyArray_DATA(sim), &b, &st, &p, PyArray_DATA(mask),
+                                 PyArray_DATA(kept));
     Py_END_ALLOW_THREADS
     if (status == GLOFND_ENOMEM)
         PyErr_NoMemory();
     else if (status != GLOFND_OK)
         PyErr_Format(PyExc_RuntimeError, "glofnd_step failed with status %d", status);
-    else if (mask != NULL)
-        result = PyTuple_Pack(2, (PyObject *)mask, (PyObject *)kept);
     else
-        result = PyTuple_Pack(2, Py_None, Py_None);
+        result = PyTuple_Pack(2, (PyObject *)mask, (PyObject *)kept);
 
 done:
     Py_XDECREF(sim);
@@ -756,12 +740,9 @@ static PyObject *py_set_isa(PyObject *self, PyObject *arg)
 static PyMethodDef methods[] = {
     {"step", (PyCFunction)(void (*)(void))py_step, METH_VARARGS | METH_KEYWORDS,
      "step(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps, *, alpha, lr, beta1, beta2,"
-     " eps, lo, hi, optimizer, step, update, num_threads, exclude=None, want_mask=True)\n"
-     "-> (mask, kept)\n\n"
+     " eps, lo, hi, optimizer, step, update, num_threads) -> (mask, kept)\n\n"
      "Fused GloFND threshold step: updates the state in place, returns the false-negative mask\n"
-     "(bool, rows x cols) and the kept count of each row (int64). exclude (rows, k) int64:\n"
-     "columns left out of each row besides valid (outside [0, cols): none). want_mask=False:\n"
-     "the update only, returns (None, None)."},
+     "(bool, rows x cols) and the kept count of each row (int64)."},
     {"info_nce_forward", py_info_nce_forward, METH_VARARGS,
      "info_nce_forward(sim, positive, own, thr, removed, scale, per_row, ratio, num_threads)\n"
      "-> (loss, lse, kept)\n\nThe fused InfoNCE of each row (csrc/loss.c): sim (R, M) float32 or\n"

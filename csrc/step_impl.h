@@ -207,40 +207,6 @@ ISA_ATTR static inline void FN(mask_counted_row)(const T *sim, const glofnd_batc
         *kept = FN(mask_row)(sim, b, r, lam, mask);
 }
 
-/* The counts of row r's excluded columns (batch.exclude), as count_row counts them. */
-ISA_ATTR static void FN(excluded_counts)(const T *sim, const glofnd_batch *b, int64_t r, T lam,
-                                         int64_t *above, int64_t *nvalid)
-{
-    const int64_t *ex = b->exclude + r * b->n_exclude;
-    for (int64_t k = 0; k < b->n_exclude; ++k) {
-        const int64_t c = ex[k];
-        int seen = c < 0 || c >= b->cols;
-        for (int64_t q = 0; q < k && !seen; ++q)
-            seen = ex[q] == c;
-        if (seen)
-            continue;
-        const T x = sim[r * b->row_stride + c * b->col_stride];
-        const int ok = (b->valid == NULL || b->valid[r * b->valid_row_stride +
-                                                     c * b->valid_col_stride] != 0) &
-                       ((x - x) == (T)0);
-        *above += ok & (x > lam);
-        *nvalid += ok;
-    }
-}
-
-/* Clears the flags of row r's excluded columns and takes them out of its kept count. */
-ISA_ATTR static void FN(exclude_mask)(const T *sim, const glofnd_batch *b, int64_t r, T lam,
-                                      uint8_t *mask, int64_t *kept)
-{
-    int64_t above = 0, nvalid = 0;
-    FN(excluded_counts)(sim, b, r, lam, &above, &nvalid);
-    const int64_t *ex = b->exclude + r * b->n_exclude;
-    for (int64_t k = 0; k < b->n_exclude; ++k)
-        if (ex[k] >= 0 && ex[k] < b->cols)
-            mask[r * b->cols + ex[k]] = 0;
-    *kept -= nvalid - above; /* the excluded entries that were valid and not flagged */
-}
-
 /* One distinct index: pool its rows, update its lambda, then mask its rows (still in cache). */
 ISA_ATTR static void FN(do_group)(const void *sim_v, const glofnd_batch *b, glofnd_state *st,
                                   const glofnd_params *p, const int64_t *rows, int64_t nrows,
@@ -255,35 +221,18 @@ ISA_ATTR static void FN(do_group)(const void *sim_v, const glofnd_batch *b, glof
             int64_t row_valid = 0;
             FN(count_row)(sim, b, rows[k], lam, &above, &row_valid);
             nvalid += row_valid;
-            if (kept != NULL)
-                kept[rows[k]] = row_valid;
-            if (b->exclude != NULL) {
-                int64_t ex_above = 0, ex_valid = 0;
-                FN(excluded_counts)(sim, b, rows[k], lam, &ex_above, &ex_valid);
-                above -= ex_above;
-                nvalid -= ex_valid;
-            }
+            kept[rows[k]] = row_valid;
         }
         if (nvalid > 0)
             glofnd_internal_update_one(st, i, above, nvalid, p);
-        if (mask == NULL)
-            return;
         const T lam1 = (T)GLOFND_LAMBDA(st, i);
-        for (int64_t k = 0; k < nrows; ++k) {
+        for (int64_t k = 0; k < nrows; ++k)
             FN(mask_counted_row)(sim, b, rows[k], lam1, mask, kept + rows[k]);
-            if (b->exclude != NULL)
-                FN(exclude_mask)(sim, b, rows[k], lam1, mask, kept + rows[k]);
-        }
         return;
     }
-    if (mask == NULL)
-        return;
     const T lam = (T)GLOFND_LAMBDA(st, i);
-    for (int64_t k = 0; k < nrows; ++k) {
+    for (int64_t k = 0; k < nrows; ++k)
         kept[rows[k]] = FN(mask_row)(sim, b, rows[k], lam, mask);
-        if (b->exclude != NULL)
-            FN(exclude_mask)(sim, b, rows[k], lam, mask, kept + rows[k]);
-    }
 }
 
 #undef FN

@@ -157,8 +157,6 @@ static int check_args(const glofnd_batch *b, const glofnd_state *st, const glofn
     const int status = glofnd_internal_check_state(b->index, b->rows, st, p);
     if (status != GLOFND_OK)
         return status;
-    if (b->n_exclude < 0 || (b->n_exclude > 0 && b->rows > 0 && b->exclude == NULL))
-        return GLOFND_EINVAL;
     return GLOFND_OK;
 }
 
@@ -239,12 +237,7 @@ typedef void (*group_fn)(const void *sim, const glofnd_batch *b, glofnd_state *s
                          const glofnd_params *p, const int64_t *rows, int64_t nrows,
                          uint8_t *mask, int64_t *kept);
 
-/* Each kernel family is compiled for the baseline instruction set and, with GCC or Clang on
- * x86-64, also for AVX2 and AVX-512 (picked at run time: portable builds, no -march needed). */
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(GLOFND_NO_DISPATCH)
-#define GLOFND_X86_DISPATCH 1
-#endif
-
+/* Each kernel family per instruction set (internal.h). */
 #define ISA_ATTR
 #define T float
 #define SUF f32_base
@@ -259,7 +252,7 @@ typedef void (*group_fn)(const void *sim, const glofnd_batch *b, glofnd_state *s
 #undef ISA_ATTR
 
 #ifdef GLOFND_X86_DISPATCH
-#define ISA_ATTR __attribute__((target("avx2")))
+#define ISA_ATTR GLOFND_ATTR_AVX2
 #define T float
 #define SUF f32_avx2
 #include "step_impl.h"
@@ -272,11 +265,7 @@ typedef void (*group_fn)(const void *sim, const glofnd_batch *b, glofnd_state *s
 #undef T
 #undef ISA_ATTR
 
-#if defined(__clang__)
-#define ISA_ATTR __attribute__((target("avx512f,avx512bw,avx512vl")))
-#else
-#define ISA_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,prefer-vector-width=512")))
-#endif
+#define ISA_ATTR GLOFND_ATTR_AVX512
 #include "rows_avx512.h"
 #define GLOFND_ROWS_DEFINED
 #define T float

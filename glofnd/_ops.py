@@ -35,6 +35,11 @@ _lib.define(
 )
 
 
+def _use_c() -> bool:
+    """Whether CPU tensors run the C kernels (extension built, backend "c")."""
+    return _C is not None and _backend == "c"
+
+
 def _check_range(index: Tensor, n: int) -> None:
     """The index range, checked in the eager kernels so that traced callers need no
     data-dependent check of their own (the C binding checks it itself)."""
@@ -58,7 +63,7 @@ def _threshold_step_any(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
 def _threshold_step_cpu(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
                         alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update):
     """CPU: the C kernel on the tensors' memory (``Tensor.numpy()`` shares it, no copy)."""
-    if _C is None or _backend != "c":
+    if not _use_c():
         return _threshold_step_any(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
                                    alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update)
     mask, kept = _C.step(
@@ -110,50 +115,34 @@ def use_backend(name: str):
         _backend = previous
 
 
-# --- the threshold update alone, for the losses: no mask, structural exclusions ---------------
+try:  # torch's own checks for active modes (private: without them, always dispatch)
+    _dispatch_depth = torch._C._len_torch_dispatch_stack
+    _function_mode = torch._C._is_torch_function_mode_enabled
+    _dispatch_depth(), _function_mode()
+except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - other torch versions
+    def _dispatch_depth() -> int:
+        return 1
 
-_lib.define(
-    "threshold_update(Tensor sim, Tensor index, Tensor exclude, Tensor(a!) lambdas, "
-    "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) steps, float alpha, float lr, "
-    "float beta1, float beta2, float eps, float lo, float hi, int optimizer, int step) -> ()"
-)
-
-
-def _threshold_update_any(sim, index, exclude, lambdas, exp_avg, exp_avg_sq, steps,
-                          alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step):
-    """Any device: the reference's update with the exclusions as a validity mask."""
-    _check_range(index, lambdas.shape[0])
-    above, nvalid = reference.row_counts(sim, index, reference.exclusion_valid(sim, exclude),
-                                         lambdas)
-    reference.pooled_update(index, above, nvalid, lambdas, exp_avg, exp_avg_sq, steps, alpha,
-                            lr, beta1, beta2, eps, lo, hi, optimizer, step)
+    def _function_mode() -> bool:
+        return True
 
 
-def _threshold_update_cpu(sim, index, exclude, lambdas, exp_avg, exp_avg_sq, steps,
-                          alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step):
-    """CPU: the C kernel's update pass only (no mask is written)."""
-    if _C is None or _backend != "c":
-        return _threshold_update_any(sim, index, exclude, lambdas, exp_avg, exp_avg_sq, steps,
-                                     alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step)
-    _C.step(sim.numpy(), index.numpy(), None, lambdas.numpy(), exp_avg.numpy(),
-            exp_avg_sq.numpy(), steps.numpy(), alpha=alpha, lr=lr, beta1=beta1, beta2=beta2,
-            eps=eps, lo=lo, hi=hi, optimizer=optimizer, step=step, update=True,
-            num_threads=torch.get_num_threads(), exclude=exclude.numpy(), want_mask=False)
-    torch.autograd.graph.increment_version((lambdas, exp_avg, exp_avg_sq, steps))
+def _direct(*args) -> bool:
+    """Whether a call may go to the CPU implementation without the dispatcher: eager (not traced),
+    no dispatch or function mode active, no tensor subclass among ``args``. The dispatcher would
+    then reach the same Python function, after ~10 µs of argument boxing per call (schemas of
+    10-22 arguments)."""
+    return (not torch.compiler.is_compiling() and _dispatch_depth() == 0
+            and not _function_mode()
+            and all(type(a) is Tensor or not isinstance(a, Tensor) for a in args))
 
 
-def _threshold_update_fake(*args):
-    return None
-
-
-_lib.impl("threshold_update", _threshold_update_any, "CompositeExplicitAutograd")
-_lib.impl("threshold_update", _threshold_update_cpu, "CPU")
-torch.library.register_fake("glofnd::threshold_update", _threshold_update_fake, lib=_lib)
-
-threshold_update = torch.ops.glofnd.threshold_update
-"""``glofnd::threshold_update``: the λ update of :data:`threshold_step` without the mask, the
-validity given as excluded columns ``exclude`` (R, k) int64 (the row's own column and positive
-in the losses) instead of an (R, M) mask."""
+def _call(op, cpu_impl, tensors: int, *args):
+    """``op(*args)``; straight to its CPU implementation when :func:`_direct` allows it for the
+    first ``tensors`` arguments (those that may be tensors) and the first is on the CPU."""
+    if _direct(*args[:tensors]) and args[0].device.type == "cpu":
+        return cpu_impl(*args)
+    return op(*args)
 
 
 # --- the fused InfoNCE of the losses ----------------------------------------------------------
@@ -178,7 +167,7 @@ def _info_nce_any(sim, positive, own, thr, removed, scale, per_row, ratio):
 
 
 def _info_nce_cpu(sim, positive, own, thr, removed, scale, per_row, ratio):
-    if _C is None or _backend != "c":
+    if not _use_c():
         return _info_nce_any(sim, positive, own, thr, removed, scale, per_row, ratio)
     loss, lse, kept = _C.info_nce_forward(
         sim.detach().numpy(), positive.numpy(), _np(own), _np(thr), _np(removed),
@@ -200,7 +189,7 @@ def _info_nce_backward_any(grad, sim, positive, own, thr, removed, scale, per_ro
 
 def _info_nce_backward_cpu(grad, sim, positive, own, thr, removed, scale, per_row, ratio, lse,
                            kept, want_dscale):
-    if _C is None or _backend != "c":
+    if not _use_c():
         return _info_nce_backward_any(grad, sim, positive, own, thr, removed, scale, per_row,
                                       ratio, lse, kept, want_dscale)
     dsim, dscale = _C.info_nce_backward(
@@ -233,13 +222,19 @@ def _info_nce_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, kept)
 
 
+def _info_nce_grads(grad, saved, per_row, ratio, want_scale):
+    """``(dsim, dscale or None)`` of the InfoNCE from the gradient of its rows' losses and the
+    tensors saved by its forward (shared by the op's autograd and :class:`InfoNCE`)."""
+    sim, positive, own, thr, removed, scale, lse, kept = saved
+    dsim, dscale = _call(info_nce_backward, _info_nce_backward_cpu, 7, grad.contiguous(),
+                         sim.detach(), positive, own, thr, removed, scale.detach(), per_row,
+                         ratio, lse, kept, want_scale)
+    return dsim, (dscale.sum().to(scale.dtype).reshape(scale.shape) if want_scale else None)
+
+
 def _info_nce_grad(ctx, grad_loss, grad_lse, grad_kept):
-    sim, positive, own, thr, removed, scale, lse, kept = ctx.saved_tensors
-    want_scale = ctx.needs_input_grad[5]
-    dsim, dscale = torch.ops.glofnd.info_nce_backward(
-        grad_loss, sim, positive, own, thr, removed, scale, ctx.per_row, ctx.ratio, lse, kept,
-        want_scale)
-    dscale = dscale.sum().to(scale.dtype).reshape(scale.shape) if want_scale else None
+    dsim, dscale = _info_nce_grads(grad_loss, ctx.saved_tensors, ctx.per_row, ctx.ratio,
+                                   ctx.needs_input_grad[5])
     return dsim, None, None, None, None, dscale, None, None
 
 
@@ -257,8 +252,7 @@ backward, no (R, M) temporary); other devices the torch formula."""
 
 def fused_available(sim: Tensor) -> bool:
     """Whether the losses run their InfoNCE through the C kernel for ``sim``."""
-    return (_C is not None and _backend == "c" and sim.device.type == "cpu"
-            and sim.dtype in (torch.float32, torch.float64))
+    return _use_c() and sim.device.type == "cpu" and sim.dtype in (torch.float32, torch.float64)
 
 
 # --- the fused SogCLR of the losses -----------------------------------------------------------
@@ -276,10 +270,6 @@ _lib.define(
     "Tensor? thr, Tensor? removed, float scale, bool shift, bool pos_term, Tensor log_u, "
     "Tensor kept) -> Tensor"
 )
-
-
-def _use_c() -> bool:
-    return _C is not None and _backend == "c"
 
 
 def _sogclr_lme_cpu(sim, positive, own, thr, removed, scale, shift):
@@ -340,11 +330,15 @@ def _sogclr_setup(ctx, inputs, output):
     ctx.args = (scale, shift, pos_term)
 
 
+def _sogclr_grads(grad, saved, scale, shift, pos_term):
+    """dsim of SogCLR's surrogate (shared by the op's autograd and :class:`SogCLR`)."""
+    sim, positive, own, thr, removed, log_u, kept = saved
+    return _call(sogclr_surrogate_backward, _sogclr_backward_cpu, 11, grad.contiguous(),
+                 sim.detach(), positive, own, thr, removed, scale, shift, pos_term, log_u, kept)
+
+
 def _sogclr_grad(ctx, grad):
-    sim, positive, own, thr, removed, log_u, kept = ctx.saved_tensors
-    scale, shift, pos_term = ctx.args
-    dsim = torch.ops.glofnd.sogclr_surrogate_backward(grad, sim, positive, own, thr, removed,
-                                                      scale, shift, pos_term, log_u, kept)
+    dsim = _sogclr_grads(grad, ctx.saved_tensors, *ctx.args)
     return dsim, None, None, None, None, None, None, None, None, None
 
 
@@ -374,14 +368,15 @@ _lib.define(
 def _fused_forward_any(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq, steps, scale,
                        kind, per_row, ratio, alpha, lr, beta1, beta2, eps, lo, hi, optimizer,
                        step, update):
-    """Any device: the update of :data:`threshold_update`, then the reference formula with the
-    rows' new λ."""
-    exclude = positive.unsqueeze(1) if own is None else torch.stack([positive, own], 1)
+    """Any device: the reference's update with the own column and positive excluded, then the
+    reference formula with the rows' new λ."""
+    _check_range(index, lambdas.shape[0])
     if update:
-        _threshold_update_any(sim, index, exclude, lambdas, exp_avg, exp_avg_sq, steps, alpha,
-                              lr, beta1, beta2, eps, lo, hi, optimizer, step)
-    else:
-        _check_range(index, lambdas.shape[0])
+        exclude = positive.unsqueeze(1) if own is None else torch.stack([positive, own], 1)
+        above, nvalid = reference.row_counts(sim, index, reference.exclusion_valid(sim, exclude),
+                                             lambdas)
+        reference.pooled_update(index, above, nvalid, lambdas, exp_avg, exp_avg_sq, steps,
+                                alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step)
     thr = lambdas[index]
     if kind == 0:
         loss, lse, kept = reference.info_nce(sim, positive, own, thr, None,
@@ -428,7 +423,7 @@ fused_forward = torch.ops.glofnd.fused_forward
 pass over the similarities (no gradient; mutates the state). kind 0: ``(loss, lse, kept, thr)``
 of the InfoNCE; kind 1 / 2: ``(lme, empty, kept, thr)`` of SogCLR with / without the positive's
 offset. ``thr`` (R,) float32 holds the rows' new λ. λ's state is bit-identical to
-:data:`threshold_update` with the own column and positive excluded."""
+:data:`threshold_step` given the validity of all but the own column and positive."""
 
 _lib.define(
     "info_nce_attach(Tensor sim, Tensor positive, Tensor? own, Tensor? thr, Tensor? removed, "
@@ -469,46 +464,19 @@ info_nce_attach = torch.ops.glofnd.info_nce_attach
 
 # --- the losses' entry points: straight to the CPU kernels when nothing else would run --------
 
-try:  # torch's own checks for active modes (private: without them, always dispatch)
-    _dispatch_depth = torch._C._len_torch_dispatch_stack
-    _function_mode = torch._C._is_torch_function_mode_enabled
-    _dispatch_depth(), _function_mode()
-except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - other torch versions
-    def _dispatch_depth() -> int:
-        return 1
-
-    def _function_mode() -> bool:
-        return True
-
-
-def _direct(*tensors: Optional[Tensor]) -> bool:
-    """Whether a call may go to the CPU implementation without the dispatcher: eager (not traced),
-    no dispatch or function mode active, plain tensors. The dispatcher would then reach the same
-    Python function, after ~10 µs of argument boxing per call (schemas of 10-22 arguments)."""
-    return (not torch.compiler.is_compiling() and _dispatch_depth() == 0
-            and not _function_mode()
-            and all(t is None or type(t) is Tensor for t in tensors))
-
-
 def call_threshold_step(*args):
-    """:data:`threshold_step`, directly on plain eager CPU tensors (``GloFND.step``)."""
-    if _direct(*args[:7]) and args[0].device.type == "cpu":
-        return _threshold_step_cpu(*args)
-    return threshold_step(*args)
+    """:data:`threshold_step` through :func:`_call` (``GloFND.step``)."""
+    return _call(threshold_step, _threshold_step_cpu, 7, *args)
 
 
 def call_fused_forward(*args):
-    """:data:`fused_forward`, directly on plain eager CPU tensors."""
-    if _direct(*args[:8]) and args[0].device.type == "cpu":
-        return _fused_forward_cpu(*args)
-    return fused_forward(*args)
+    """:data:`fused_forward` through :func:`_call`."""
+    return _call(fused_forward, _fused_forward_cpu, 8, *args)
 
 
 def call_sogclr_lme(*args):
-    """:data:`sogclr_lme`, directly on plain eager CPU tensors."""
-    if _direct(*args[:5]) and args[0].device.type == "cpu":
-        return _sogclr_lme_cpu(*args)
-    return sogclr_lme(*args)
+    """:data:`sogclr_lme` through :func:`_call`."""
+    return _call(sogclr_lme, _sogclr_lme_cpu, 5, *args)
 
 
 class InfoNCE(torch.autograd.Function):
@@ -521,11 +489,8 @@ class InfoNCE(torch.autograd.Function):
     def forward(ctx, sim, scale, positive, own, thr, removed, per_row, ratio, loss=None,
                 lse=None, kept=None):
         if loss is None:
-            args = (sim.detach(), positive, own, thr, removed, scale.detach(), per_row, ratio)
-            if _direct(sim, positive, own, thr, removed, scale) and sim.device.type == "cpu":
-                loss, lse, kept = _info_nce_cpu(*args)
-            else:
-                loss, lse, kept = info_nce(*args)
+            loss, lse, kept = _call(info_nce, _info_nce_cpu, 6, sim.detach(), positive, own,
+                                    thr, removed, scale.detach(), per_row, ratio)
         else:
             loss = loss.clone()
         ctx.save_for_backward(sim, positive, own, thr, removed, scale, lse, kept)
@@ -535,15 +500,8 @@ class InfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _):
-        sim, positive, own, thr, removed, scale, lse, kept = ctx.saved_tensors
-        want = ctx.needs_input_grad[1]
-        args = (grad.contiguous(), sim.detach(), positive, own, thr, removed, scale.detach(),
-                ctx.per_row, ctx.ratio, lse, kept, want)
-        if _direct(grad, sim, positive, own, thr, removed, scale) and sim.device.type == "cpu":
-            dsim, dscale = _info_nce_backward_cpu(*args)
-        else:
-            dsim, dscale = info_nce_backward(*args)
-        dscale = dscale.sum().to(scale.dtype).reshape(scale.shape) if want else None
+        dsim, dscale = _info_nce_grads(grad, ctx.saved_tensors, ctx.per_row, ctx.ratio,
+                                       ctx.needs_input_grad[1])
         return dsim, dscale, None, None, None, None, None, None, None, None, None
 
 
@@ -554,25 +512,15 @@ class SogCLR(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sim, positive, own, thr, removed, scale, shift, pos_term, log_u, kept):
         log_u = log_u.to(sim.dtype).contiguous()
-        args = (sim.detach(), positive, own, thr, removed, scale, shift, pos_term, log_u, kept)
-        if _direct(sim, positive, own, thr, removed, log_u, kept) and sim.device.type == "cpu":
-            out = _sogclr_cpu(*args)
-        else:
-            out = sogclr_surrogate(*args)
+        out = _call(sogclr_surrogate, _sogclr_cpu, 10, sim.detach(), positive, own, thr,
+                    removed, scale, shift, pos_term, log_u, kept)
         ctx.save_for_backward(sim, positive, own, thr, removed, log_u, kept)
         ctx.args = (scale, shift, pos_term)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        sim, positive, own, thr, removed, log_u, kept = ctx.saved_tensors
-        args = (grad.contiguous(), sim.detach(), positive, own, thr, removed, *ctx.args, log_u,
-                kept)
-        if _direct(grad, sim, positive, own, thr, removed, log_u, kept) \
-                and sim.device.type == "cpu":
-            dsim = _sogclr_backward_cpu(*args)
-        else:
-            dsim = sogclr_surrogate_backward(*args)
+        dsim = _sogclr_grads(grad, ctx.saved_tensors, *ctx.args)
         return dsim, None, None, None, None, None, None, None, None, None
 
 

@@ -1,6 +1,7 @@
-"""The fused kernels of the losses: the InfoNCE forward and backward (csrc/loss.c) against a
-float64 formula written here and against the torch reference, and the λ update without a mask
-(excluded columns) against the reference step with the same validity as a mask, bit for bit."""
+"""The fused kernels of the losses: the InfoNCE and SogCLR forward and backward (csrc/loss.c)
+against a float64 formula written here and against the torch reference, and the λ update inside
+the loss's pass (excluded columns) against the reference step with the same validity as a mask,
+bit for bit."""
 import contextlib
 import math
 
@@ -194,32 +195,6 @@ def test_fake_kernel_traces_under_compile():
                                                          True)[0])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("k", [1, 2])
-def test_update_with_exclusions_equals_the_step_with_a_validity_mask(backend, dtype, k):
-    """threshold_update(exclude) leaves the state bit-identical to threshold_step with the same
-    exclusions given as a validity mask (own columns outside [0, M) and repeats exclude nothing
-    more), on either backend, non-finite entries included."""
-    g = torch.Generator().manual_seed(k)
-    rows, cols, n = 40, 37, 25
-    sim = (torch.rand(rows, cols, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
-    sim[3, 5] = float("nan")
-    sim[4, :] = float("inf")
-    index = torch.randint(0, n, (rows,), generator=g)
-    exclude = torch.randint(-2, cols + 2, (rows, k), generator=g)
-    exclude[0] = 4  # a repeated column
-    state = random_state(n, seed=k)
-    a, b = clone_state(state), clone_state(state)
-    args = (0.1, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, 0, 0)
-    _ops.threshold_update(sim, index, exclude, *a.values(), *args)
-    valid = reference.exclusion_valid(sim, exclude)
-    with _ops.use_backend("reference"):
-        _ops.threshold_step(sim, index, valid, *b.values(), *args, True)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    assert not torch.equal(a["lambdas"], state["lambdas"])
-
-
 # ---------------------------------------------------------------------------- SogCLR kernels
 
 @needs_c
@@ -284,8 +259,8 @@ ARGS = (0.1, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, 0, 0)  # alpha lr beta1 beta2 eps
 @pytest.mark.parametrize("update", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_forward_equals_update_then_forward(backend, kind, update, dtype):
-    """One pass that counts, updates λ and sums: the state is bit-identical to
-    threshold_update with the own column and positive excluded, and the outputs equal those of
+    """One pass that counts, updates λ and sums: the state is bit-identical to the reference
+    threshold_step with all but the own column and positive valid, and the outputs equal those of
     info_nce / sogclr_lme given the new λ (to float rounding: the stabiliser differs)."""
     unimodal = kind != 1
     sim, positive, own, index = fused_case(45, 60, kind + 7 * update, dtype, unimodal)
@@ -296,7 +271,8 @@ def test_fused_forward_equals_update_then_forward(backend, kind, update, dtype):
     exclude = positive.unsqueeze(1) if own is None else torch.stack([positive, own], 1)
     if update:
         with _ops.use_backend("reference"):
-            _ops.threshold_update(sim, index, exclude, *b.values(), *ARGS)
+            _ops.threshold_step(sim, index, reference.exclusion_valid(sim, exclude), *b.values(),
+                                *ARGS, True)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert torch.equal(thr, b["lambdas"][index])
