@@ -8,7 +8,8 @@
  * given mask. With c the scale, K the valid count, M_r the kept negatives and
  * rho_r = log(K / |M_r|) (0 without rescaling):
  *
- *     loss_r = lse_r - c s_{r p_r},   lse_r = log(e^{c s_{r p_r}} + sum_{j in M_r} e^{c s_rj + rho_r})
+ *     loss_r = lse_r - c s_{r p_r},
+ *     lse_r = log(e^{c s_{r p_r}} + sum_{j in M_r} e^{c s_rj + rho_r})
  *
  * and the gradient of the logits is g_r e^{c s_rj + rho_r - lse_r} on the kept entries,
  * g_r (e^{c s_{r p_r} - lse_r} - 1) on the positive and 0 elsewhere.

@@ -300,11 +300,12 @@ class _Detector(nn.Module):
                ) -> Tensor:
         """One block of rows through the fused C kernels (CPU): returns the per-row losses and
         records the diagnostics, as :meth:`_detect`, :meth:`_kept` and the torch formulas of
-        :mod:`glofnd.functional` together would. ``u`` None: the InfoNCE
-        (:data:`glofnd._ops.info_nce`, scale c = 1/τ or the logit scale); else SogCLR with that
-        moving average (:data:`glofnd._ops.sogclr_surrogate`; unimodal when ``own`` is given,
-        else CLIP's d = s − s_pos with τ = 1/scale). ``row_labels``/``col_labels``: the labels
-        of the rows and columns, for the precision/recall diagnostics (and ``oracle``).
+        :mod:`glofnd.functional` together would. ``scale`` is c = 1/τ (unimodal) or the logit
+        scale (CLIP), a scalar tensor. ``u`` None: the InfoNCE (:data:`glofnd._ops.info_nce`);
+        else SogCLR with that moving average (:data:`glofnd._ops.sogclr_surrogate`; unimodal
+        when ``own`` is given, else CLIP's d = s − s_pos with τ = 1/scale).
+        ``row_labels``/``col_labels``: the labels of the rows and columns, for the
+        precision/recall diagnostics (and ``oracle``).
 
         With GloFND's state in this process and masks applied, one kernel updates the rows' λ
         and computes the forward (:meth:`_fused_glofnd`): no (R, M) mask or validity mask is
@@ -337,8 +338,7 @@ class _Detector(nn.Module):
             loss, kept = _ops.info_nce_loss(sim, scale, positive, own, None, removed, per_row,
                                             applied)
         else:
-            c = float(1.0 / self.temperature) if own is not None else float(scale.detach())
-            shift = own is None
+            c, shift = float(scale.detach()), own is None
             log_g, kept = _ops.call_sogclr_lme(sim.detach(), positive, own, None, removed, c,
                                                shift)
             log_u = self._move_rows_state(u, index, log_g, blocks=blocks)
@@ -366,16 +366,14 @@ class _Detector(nn.Module):
         the new λ (:data:`glofnd._ops.fused_forward`); the gradient is attached by the InfoNCE's
         or SogCLR's own backward. With labels, the flags (finite valid entries above the new λ,
         the threshold step's mask) are made for the precision/recall diagnostics only."""
-        detached = sim.detach()
+        detached, c = sim.detach(), float(scale.detach())
         if u is None:
-            c = 1.0 / self.temperature if own is not None else float(scale.detach())
             loss, lse, kept, thr = fnd._fused_forward(detached, ids, positive, own, c, 0,
                                                       per_row, update)
             loss, _ = _ops.info_nce_loss(sim, scale, positive, own, thr, None, per_row, True,
                                          loss, lse, kept)
         else:
             shift = own is None
-            c = float(scale.detach()) if shift else 1.0 / self.temperature
             log_g, _, kept, thr = fnd._fused_forward(detached, ids, positive, own, c,
                                                      1 if shift else 2, per_row, update)
             log_u = self._move_rows_state(u, index, log_g, blocks=blocks)

@@ -125,10 +125,11 @@ class GloFND(nn.Module):
     in the batch keeps its state (λ stays finite whatever the similarities hold).
 
     State (float32, saved in ``state_dict``): ``lambdas``, ``exp_avg``, ``exp_avg_sq`` (N,), and
-    ``steps`` (N,) int32. On the CPU the three float32 vectors are the columns of one (N, 3) block
-    (a sample's 12 bytes share a cache line, so that a step's cost hardly grows with N); any 1-D
-    buffers of the right dtype and length work too. CPU tensors run the C kernel (multi-threaded, bit-identical for any
-    thread count); others run the pure-torch reference on their own device.
+    ``steps`` (N,) int32. On the CPU the three float32 vectors are the columns of one (N, 3)
+    block (a sample's 12 bytes share a cache line, so that a step's cost hardly grows with N);
+    any 1-D buffers of the right dtype and length work too. CPU tensors run the C kernel
+    (multi-threaded, bit-identical for any thread count); others run the pure-torch reference on
+    their own device.
 
     Threads: calls on one module are serialised by its lock (the result is that of some serial
     order); different modules step in parallel (the C kernel releases the GIL).
