@@ -4,7 +4,7 @@
     python benchmarks/run.py                 # every section (~3 min on 2 cores)
     python benchmarks/run.py --quick         # fewer sizes and repeats, no torch.compile (~20 s)
     python benchmarks/run.py --only a,d      # some sections; the others in the file are kept
-    python benchmarks/run.py --only c,e --device cuda   # the losses on a GPU (not written here)
+    python benchmarks/run.py --only c,e --device cuda   # the losses on a GPU (sections c-cuda, e-cuda)
 
 Method: the variants of one table run interleaved, one after another inside each repeat (the
 order rotates between repeats), so that a change of machine load affects all of them alike;
@@ -442,6 +442,13 @@ FEATURES = 128
 NOISE = 1.5  # second view = first + NOISE x N(0, 1): positives at cosine ~0.55
 
 
+def loss_sizes(cfg) -> list[int]:
+    """B of the loss sections: 256 and 1024 on the CPU; on a GPU also 4096 (SimCLR's batch)."""
+    if cfg.quick:
+        return [256]
+    return [256, 1024] if cfg.device == "cpu" else [256, 1024, 4096]
+
+
 def make_loss(base: str, method: str, n: int):
     if base == "clip":
         return GloFNDClipLoss(n, method=method, base="clip")
@@ -490,7 +497,7 @@ def section_c(cfg) -> list[str]:
     dev = cfg.device
     cuda = dev.startswith("cuda")
     n = 100_000
-    sizes = [256] if cfg.quick else [256, 1024]
+    sizes = loss_sizes(cfg)
     threads = [None] if cuda else cfg.threads
     lines = [
         f"One training step of the loss on {dev}: forward and backward from B features per view "
@@ -681,7 +688,7 @@ def mib(x: float) -> str:
 def section_e(cfg) -> list[str]:
     dev = cfg.device
     cuda = dev.startswith("cuda")
-    sizes = [256] if cfg.quick else [256, 1024]
+    sizes = loss_sizes(cfg)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072",
                OMP_NUM_THREADS="1")
     lines = [
@@ -765,7 +772,7 @@ for CLIP: the mask the threshold step returned, kept by `torch.where` for the ba
 
 # ----------------------------------------------------------------------------------- output
 
-def machine_info() -> list[str]:
+def machine_info(device: str = "cpu") -> list[str]:
     model = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -785,12 +792,18 @@ def machine_info() -> list[str]:
     omp = ", ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY",
                                                      "OMP_DYNAMIC", "GOMP_SPINCOUNT")
                     if k in os.environ) or "none set"
-    return [
+    lines = [
         f"- CPU: {model}; {os.cpu_count()} cores ({usable} usable); load average at start: {load}; "
         f"OpenMP environment: {omp}",
         f"- Python {platform.python_version()}, torch {torch.__version__}, "
         f"numpy {np.__version__}, glofnd {glofnd.__version__} ({kernel})",
     ]
+    if device != "cpu":
+        props = torch.cuda.get_device_properties(device)
+        lines.append(f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                     f"{props.multi_processor_count} SMs; CUDA {torch.version.cuda}; the losses "
+                     f"run glofnd's pure-torch reference path there")
+    return lines
 
 
 HEADER = """# Benchmarks
@@ -815,8 +828,12 @@ on a GPU is not measured here.
 """
 
 
+DEVICE_SECTIONS = ("c", "e")  # the sections that run on --device; the others are CPU-only
+
+
 def render(key: str, title: str, body: list[str], cfg, started: str, elapsed: float) -> str:
-    lines = [f"<!-- section {key} -->", f"## {key}. {title}", "",
+    heading = key if "-" not in key else "{} ({})".format(*key.split("-", 1))
+    lines = [f"<!-- section {key} -->", f"## {heading}. {title}", "",
              f"- Command: `{cfg.command}`{' (quick)' if cfg.quick else ''}; {started} UTC, "
              f"{elapsed:.0f} s"] + cfg.machine + [""] + body + ["", f"<!-- end {key} -->"]
     return "\n".join(lines)
@@ -827,10 +844,12 @@ def write_doc(path: str, blocks: dict[str, str]) -> None:
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
-        for m in re.finditer(r"<!-- section (\w+) -->.*?<!-- end \1 -->", text, re.S):
+        for m in re.finditer(r"<!-- section ([\w-]+) -->.*?<!-- end \1 -->", text, re.S):
             old[m.group(1)] = m.group(0)
     old.update(blocks)
-    keys = [k for k in SECTIONS if k in old] + sorted(k for k in old if k not in SECTIONS)
+    # each section, then its runs on other devices ("c-cuda" after "c"), then unknown ones
+    keys = [k for s in SECTIONS for k in sorted(old) if k == s or k.startswith(s + "-")]
+    keys += sorted(k for k in old if k not in keys)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(HEADER + "\n" + "\n\n".join(old[k] for k in keys) + "\n")
@@ -872,7 +891,7 @@ def main(argv=None) -> None:
         device=args.device,
         command="python benchmarks/run.py" + ("" if not argv and len(sys.argv) < 2
                                               else " " + " ".join(argv or sys.argv[1:])),
-        machine=machine_info(),
+        machine=machine_info(args.device),
     )
     torch.manual_seed(0)
     prev_threads = torch.get_num_threads()
@@ -884,8 +903,10 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         body = fn(cfg)
         torch.set_num_threads(prev_threads)
-        blocks[key] = render(key, title, body, cfg, started, time.perf_counter() - t0)
-        print(blocks[key] + "\n")
+        tag = key if args.device == "cpu" or key not in DEVICE_SECTIONS \
+            else f"{key}-{args.device.split(':')[0]}"
+        blocks[tag] = render(tag, title, body, cfg, started, time.perf_counter() - t0)
+        print(blocks[tag] + "\n")
     out = args.out or (None if args.quick else DOC)
     if out and not args.no_write:
         write_doc(out, blocks)
