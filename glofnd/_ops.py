@@ -45,7 +45,7 @@ def _check_range(index: Tensor, n: int) -> None:
     data-dependent check of their own (the C binding checks it itself)."""
     if index.numel() == 0:
         return
-    lo, hi = (int(v) for v in torch.aminmax(index))
+    lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one read from the device
     if lo < 0 or hi >= n:
         raise IndexError(f"index holds {lo if lo < 0 else hi}, outside [0, num_samples={n})")
 

@@ -69,7 +69,7 @@ def _check_ids(name: str, x, batch: int, device: torch.device, num_samples: Opti
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but the features are on {device}")
     if num_samples is not None:
-        lo, hi = int(x.min()), int(x.max())
+        lo, hi = torch.stack(torch.aminmax(x)).tolist()  # one read from the device
         if lo < 0 or hi >= num_samples:
             bad = lo if lo < 0 else hi
             raise IndexError(f"{name} holds {bad}, outside [0, num_samples={num_samples})")
@@ -441,20 +441,18 @@ class _Detector(nn.Module):
             return D.moving_average(u, index, log_g, self.gamma, self.training, blocks, shard,
                                     self.process_group)
         home = u.device
-        uniq, inv = torch.unique(index, return_inverse=True)
-        at = uniq.to(home)
-        old = u[at].to(device=log_g.device, dtype=log_g.dtype)[inv]
+        gid = reference.group_ids(index)  # no torch.unique: no host sync on accelerators
+        at = index.to(home)
+        old = u[at].to(device=log_g.device, dtype=log_g.dtype)
         g = torch.exp(log_g)
         has = torch.isfinite(log_g)
         new = torch.where(old == 0, g, (1.0 - self.gamma) * old + self.gamma * g)
         new = torch.where(has, new, old)
-        total = torch.zeros(uniq.shape, dtype=new.dtype, device=new.device)
-        count = torch.zeros_like(total)
-        total.index_add_(0, inv, torch.where(has, new, torch.zeros_like(new)))
-        count.index_add_(0, inv, has.to(new.dtype))
-        stored = u[at].to(device=new.device, dtype=new.dtype)
-        stored = torch.where(count > 0, total / count.clamp(min=1), stored)
-        if self.training:
+        total = torch.zeros_like(new).index_add_(0, gid, torch.where(has, new, 0.0))
+        count = torch.zeros_like(new).index_add_(0, gid, has.to(new.dtype))
+        total, count = total[gid], count[gid]  # each row's index's pooled values
+        if self.training:  # rows of one index write the same value
+            stored = torch.where(count > 0, total / count.clamp(min=1), old)
             u[at] = stored.to(device=home, dtype=u.dtype)
         return torch.where(has & (new > 0), torch.log(new), torch.zeros_like(new))
 

@@ -9,30 +9,74 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 ADAM, SGD = 0, 1
 
 
-def _ipow(base: float, exponent: Tensor) -> Tensor:
-    """base ** exponent by binary exponentiation (the multiplication sequence of the C core)."""
-    result = torch.ones(exponent.shape, dtype=torch.float64, device=exponent.device)
-    b = torch.full_like(result, base)
-    e = exponent.to(torch.int64).clone()
-    while bool((e > 0).any()):
-        result = torch.where((e & 1) == 1, result * b, result)
-        b = b * b
-        e = e >> 1
-    return result
+_TABLE_BITS = 16
+_POW_TABLES: dict = {}
+
+
+def _pow_table(base: float, device: torch.device) -> tuple[Tensor, list[float]]:
+    """``(table, squares)``: squares[k] = base^(2^k) by repeated squaring in float64, and
+    table[j] (2^16,) float64 on ``device`` = the product of squares[k] over the set bits k of j,
+    multiplied in increasing k from 1.0: binary exponentiation's multiplication sequence, done
+    once per (base, device) on the host (NumPy's float64 products are IEEE like the C core's)."""
+    key = (base, str(device))
+    hit = _POW_TABLES.get(key)
+    if hit is None:
+        squares = [base]
+        for _ in range(31):
+            squares.append(squares[-1] * squares[-1])
+        j = np.arange(1 << _TABLE_BITS)
+        table = np.ones(1 << _TABLE_BITS)
+        for k in range(_TABLE_BITS):
+            table = np.where((j >> k) & 1, table * squares[k], table)
+        hit = _POW_TABLES[key] = (torch.from_numpy(table).to(device), squares)
+    return hit
+
+
+def _bias_denominator(base: float, exponent: Tensor) -> Tensor:
+    """1 − base^e (float64) for Adam's bias correction, e ≥ 1 (int64, < 2^31), with base^e
+    computed as csrc/threshold.c does (binary exponentiation: the same multiplications in the
+    same order, so the same bytes), without a loop over the data or a host sync: the product of
+    the low 16 bits comes from a table; the high bits continue it factor by factor. When
+    base^(2^16) ≤ 2^-55 (base ≤ 0.9994: any e with a high bit set gives a power under half an
+    ulp of 1), 1 − base^e is exactly 1.0 there, whatever the factors."""
+    table, squares = _pow_table(base, exponent.device)
+    low = table[exponent & ((1 << _TABLE_BITS) - 1)]
+    high = exponent >> _TABLE_BITS
+    if squares[_TABLE_BITS] <= 2.0 ** -55:
+        return torch.where(high > 0, 1.0, 1.0 - low)
+    for k in range(_TABLE_BITS, 31):  # base close to 1: multiply on, as the C loop does
+        bit = ((exponent >> k) & 1) == 1
+        low = torch.where(bit, low * squares[k], low)
+    return 1.0 - low
 
 
 def row_counts(sim: Tensor, index: Tensor, valid: Optional[Tensor],
                lambdas: Tensor) -> tuple[Tensor, Tensor]:
     """Per row: entries above the row's current λ, and valid entries; both (R,) int64."""
-    ok = _valid(sim, valid)
+    return _row_counts(sim, index, _valid(sim, valid), lambdas)
+
+
+def _row_counts(sim: Tensor, index: Tensor, ok: Tensor, lambdas: Tensor
+                ) -> tuple[Tensor, Tensor]:
     above = ((sim > lambdas[index].to(sim.dtype).unsqueeze(1)) & ok).sum(1)
     return above, ok.sum(1)
+
+
+def group_ids(index: Tensor) -> Tensor:
+    """(R,) int64 in [0, R): one id per distinct value of ``index`` (R,), shared by its rows.
+    Built from a sort, without ``torch.unique``, whose output size is data-dependent (a host
+    sync on accelerators)."""
+    ordered, order = torch.sort(index, stable=True)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return torch.empty_like(order).scatter_(0, order, torch.cumsum(first, 0) - 1)
 
 
 def pooled_update(index: Tensor, above: Tensor, nvalid: Tensor, lambdas: Tensor,
@@ -40,37 +84,46 @@ def pooled_update(index: Tensor, above: Tensor, nvalid: Tensor, lambdas: Tensor,
                   beta1: float = 0.9, beta2: float = 0.98, eps: float = 1e-8, lo: float = -1.0,
                   hi: float = 1.0, optimizer: int = ADAM, step: int = 0) -> None:
     """Pools the row counts of each distinct index into g_i = α − above_i/valid_i and takes one
-    Adam/SGD step on λ_i in place (indices without a valid entry are left as they are)."""
-    uniq, inv = torch.unique(index, return_inverse=True)
-    count = torch.zeros(uniq.shape, dtype=torch.int64, device=index.device)
-    total = torch.zeros_like(count)
-    count.index_add_(0, inv, above)
-    total.index_add_(0, inv, nvalid)
-    has = total > 0
-    ids = uniq[has]
-    g = alpha - count[has].double() / total[has].double()
-    t = torch.clamp(steps[ids].to(torch.int64) + 1, max=2**31 - 1)
-    lam = lambdas[ids].double()
+    Adam/SGD step on λ_i in place (indices without a valid entry are left as they are).
+
+    Every row computes its index's new state from the pooled counts, and the rows write it
+    back: rows of one index write the same values. No step depends on the data through the
+    host, so on an accelerator the update is queued without waiting for the device."""
+    gid = group_ids(index)
+    counts = torch.stack([above, nvalid], 1)
+    pooled = torch.zeros_like(counts).index_add_(0, gid, counts)[gid]
+    count, total = pooled[:, 0], pooled[:, 1]
+    has = total > 0  # elsewhere g is 0/0: computed, never written
+    g = alpha - count.double() / total.double()
+    old_steps = steps[index]
+    t = torch.clamp(old_steps.to(torch.int64) + 1, max=2**31 - 1)
+    old_lam = lambdas[index]
+    lam = old_lam.double()
     if optimizer == ADAM:
-        m = beta1 * exp_avg[ids].double() + (1.0 - beta1) * g
-        v = beta2 * exp_avg_sq[ids].double() + (1.0 - beta2) * g * g
+        old_m, old_v = exp_avg[index], exp_avg_sq[index]
+        m = beta1 * old_m.double() + (1.0 - beta1) * g
+        v = beta2 * old_v.double() + (1.0 - beta2) * g * g
         tb = torch.full_like(t, step) if step > 0 else t
-        mhat = m / (1.0 - _ipow(beta1, tb))
-        vhat = v / (1.0 - _ipow(beta2, tb))
+        mhat = m / _bias_denominator(beta1, tb)
+        vhat = v / _bias_denominator(beta2, tb)
         lam = lam - lr * mhat / (vhat.sqrt() + eps)
-        exp_avg[ids] = m.float()
-        exp_avg_sq[ids] = v.float()
+        exp_avg[index] = torch.where(has, m.float(), old_m)
+        exp_avg_sq[index] = torch.where(has, v.float(), old_v)
     else:
         lam = lam - lr * g
-    lambdas[ids] = lam.clamp(lo, hi).float()
-    steps[ids] = t.to(steps.dtype)
+    lambdas[index] = torch.where(has, lam.clamp(lo, hi).float(), old_lam)
+    steps[index] = torch.where(has, t.to(steps.dtype), old_steps)
 
 
 def mask_rows(sim: Tensor, index: Tensor, valid: Optional[Tensor],
               lambdas: Tensor) -> tuple[Tensor, Tensor]:
     """``(mask, kept)``: valid entries strictly above λ of the row's index, and per row the valid
     entries that are not flagged."""
-    ok = _valid(sim, valid)
+    return _mask_rows(sim, index, _valid(sim, valid), lambdas)
+
+
+def _mask_rows(sim: Tensor, index: Tensor, ok: Tensor, lambdas: Tensor
+               ) -> tuple[Tensor, Tensor]:
     mask = (sim > lambdas[index].to(sim.dtype).unsqueeze(1)) & ok
     return mask, (ok & ~mask).sum(1)
 
@@ -108,11 +161,12 @@ def threshold_step(
     The three phases are separate functions so that multi-process training can pool the
     counts of all processes between them.
     """
+    ok = _valid(sim, valid)  # built once for both phases
     if update:
-        above, nvalid = row_counts(sim, index, valid, lambdas)
+        above, nvalid = _row_counts(sim, index, ok, lambdas)
         pooled_update(index, above, nvalid, lambdas, exp_avg, exp_avg_sq, steps, alpha, lr,
                       beta1, beta2, eps, lo, hi, optimizer, step)
-    return mask_rows(sim, index, valid, lambdas)
+    return _mask_rows(sim, index, ok, lambdas)
 
 
 def exclusion_valid(sim: Tensor, exclude: Tensor) -> Tensor:

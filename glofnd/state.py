@@ -77,7 +77,7 @@ def check_batch(sim: Tensor, index: Tensor, valid: Optional[Tensor], num_samples
     # values are checked where they can be read: not on meta tensors nor while torch.compile
     # traces (the C kernel checks them again before it writes anything)
     if check_index and index.device.type != "meta" and not torch.compiler.is_compiling():
-        lo, hi = (int(v) for v in torch.aminmax(index))
+        lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one read from the device
         if lo < 0 or hi >= num_samples:
             bad = lo if lo < 0 else hi
             raise IndexError(f"index holds {bad}, outside [0, num_samples={num_samples})")

@@ -283,3 +283,58 @@ def test_binding_leaks_no_references():
         with pytest.raises(ValueError):
             glofnd.threshold_step(sim, index, st, valid[:, :2])
     assert [sys.getrefcount(o) for o in objs] == before
+
+
+def binary_power(base: float, e: int) -> float:
+    """base**e by the multiplication sequence of binary exponentiation, one Python float at a
+    time (independent of the reference's table)."""
+    x = 1.0
+    while e > 0:
+        if e & 1:
+            x *= base
+        base *= base
+        e >>= 1
+    return x
+
+
+BETAS = [0.0, 0.5, 0.9, 0.98, 0.999, 0.9994, 0.9995, 0.99999, 1 - 1e-9]
+EXPONENTS = [1, 2, 3, 7, 100, 2047, 2048, 65535, 65536, 65537, 131071, 200_003, 2**20 + 5,
+             2**30, 2**31 - 2, 2**31 - 1]
+
+
+@pytest.mark.parametrize("beta", BETAS)
+def test_bias_denominator_is_binary_exponentiation(beta):
+    """1 − β^t from the reference's table (and its high-bit continuation) equals the float64
+    loop bit for bit, for t across the table's edge (2^16) and up to the saturated count."""
+    from glofnd.reference import _bias_denominator
+    e = torch.tensor(EXPONENTS, dtype=torch.int64)
+    got = _bias_denominator(beta, e)
+    want = torch.tensor([1.0 - binary_power(beta, int(t)) for t in EXPONENTS],
+                        dtype=torch.float64)
+    assert got.dtype == torch.float64
+    assert torch.equal(got, want), (got - want).abs().max()
+
+
+@needs_c
+@pytest.mark.parametrize("betas", [(0.9, 0.98), (0.9, 0.99999), (0.99999, 0.9999)])
+@pytest.mark.parametrize("step", [0, 70_000])
+def test_large_step_counts_equal_reference_bytes(betas, step):
+    """Samples updated more than 2^16 times (or epoch-based t > 2^16), with betas on both sides
+    of the reference's shortcut: C and reference give the same bytes."""
+    out = []
+    for name in ("c", "reference"):
+        state = random_state(50, 3)
+        state["steps"][:25] = torch.tensor([65534, 65535, 65536, 65537, 2**20, 2**31 - 2,
+                                            2**31 - 1, 1, 0, 99_999] * 2 + [131071] * 5,
+                                           dtype=torch.int32)
+        g = torch.Generator().manual_seed(4)
+        sim = torch.rand(30, 17, generator=g) * 2 - 1
+        index = torch.randint(0, 25, (30,), generator=g)
+        with glofnd.use_backend(name):
+            mask, kept = op_step(sim, index, None, state, step=step, beta1=betas[0],
+                                 beta2=betas[1])
+        out.append((mask, kept, state))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    for k in STATE_KEYS:
+        assert torch.equal(out[0][2][k], out[1][2][k]), k
+    assert (out[0][2]["steps"][:25].long() > 65536).any()
