@@ -6,6 +6,7 @@
 #      e-cuda of docs/benchmarks.md);
 #   4. the whole test suite on that machine's torch (the CPU path on another torch version).
 # Usage: bash benchmarks/cuda_check.sh [OUTDIR]   (logs and the updated docs/benchmarks.md there)
+# Environment: SECTIONS (default c,e), SUITE_TIMEOUT (seconds for the examples, default 150).
 set -u
 out=${1:-/tmp/glofnd-cuda}
 mkdir -p "$out"
@@ -23,8 +24,8 @@ $py -c "from glofnd import _ops; print('CPU implementation:', _ops.implementatio
 echo "== tests/test_cuda.py"
 $py -m pytest tests/test_cuda.py -q -p no:cacheprovider -p no:logging -rs 2>&1 \
     | tee "$out/test_cuda.log" | tail -25
-echo "== benchmarks c, e on cuda"
-$py benchmarks/run.py --only c,e --device cuda >"$out/bench.log" 2>&1
+echo "== benchmarks ${SECTIONS:-c,e} on cuda"
+$py benchmarks/run.py --only "${SECTIONS:-c,e}" --device cuda >"$out/bench.log" 2>&1
 echo "exit $?"; grep -E "^- target|^\| (simclr|sogclr|clip)" "$out/bench.log"
 cp docs/benchmarks.md "$out/benchmarks.md"
 echo "== the C kernels' instruction-set paths and the examples, on this machine's CPU and torch"
