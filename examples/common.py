@@ -136,6 +136,11 @@ def init_distributed(args: argparse.Namespace) -> None:
         return
     import glofnd.distributed
     cuda = args.device.type == "cuda"
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda and local >= torch.cuda.device_count():
+        raise SystemExit(f"--distributed on cuda: process {local} of this node has no GPU "
+                         f"({torch.cuda.device_count()} visible); start at most one process "
+                         f"per GPU, or pass --device cpu (gloo)")
     args.rank, args.world_size, args.local_rank = glofnd.distributed.init_from_env(
         "nccl" if cuda else "gloo")
     if cuda:

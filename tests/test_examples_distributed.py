@@ -44,7 +44,8 @@ ALPHA, LR_LAMBDA, BETA1 = 0.05, 0.5, 0.9   # lr 0.5: λ = 0.5 after the first up
 # the second update counts many similarities above λ (the count check below is informative)
 ARGS = ["--epochs", str(EPOCHS), "--subset", "200", "--batch-size", str(BATCH),
         "--start-epoch", "0", "--alpha", str(ALPHA), "--lr-lambda", str(LR_LAMBDA),
-        "--methods", "glofnd", "--seeds", str(SEED), "--no-progress"]
+        "--methods", "glofnd", "--seeds", str(SEED), "--no-progress",
+        "--device", "cpu"]  # gloo on the CPU also where a GPU is visible
 STATE = ("lambdas", "exp_avg", "exp_avg_sq", "steps")
 
 
