@@ -296,8 +296,8 @@ class _Detector(nn.Module):
     def _fused(self, prefix: str, fnd: Optional[GloFND], sim: Tensor, index: Tensor,
                own: Optional[Tensor], positive: Tensor, per_row: int, scale: Tensor,
                u: Optional[Tensor] = None, blocks: int = 1,
-               row_labels: Optional[Tensor] = None, col_labels: Optional[Tensor] = None
-               ) -> Tensor:
+               row_labels: Optional[Tensor] = None, col_labels: Optional[Tensor] = None,
+               scale_value: Optional[float] = None) -> Tensor:
         """One block of rows through the fused C kernels (CPU): returns the per-row losses and
         records the diagnostics, as :meth:`_detect`, :meth:`_kept` and the torch formulas of
         :mod:`glofnd.functional` together would. ``scale`` is c = 1/τ (unimodal) or the logit
@@ -305,7 +305,9 @@ class _Detector(nn.Module):
         else SogCLR with that moving average (:data:`glofnd._ops.sogclr_surrogate`; unimodal
         when ``own`` is given, else CLIP's d = s − s_pos with τ = 1/scale).
         ``row_labels``/``col_labels``: the labels of the rows and columns, for the
-        precision/recall diagnostics (and ``oracle``).
+        precision/recall diagnostics (and ``oracle``). ``scale_value``: ``scale`` as a number
+        when the caller knows it (1/τ), so that it is not read from the tensor (a host read, and
+        a graph break under torch.compile).
 
         With GloFND's state in this process and masks applied, one kernel updates the rows' λ
         and computes the forward (:meth:`_fused_glofnd`): no (R, M) mask or validity mask is
@@ -328,7 +330,8 @@ class _Detector(nn.Module):
             update = self.training and self.epoch >= self.start_update
             ids = index if method == "glofnd" else torch.zeros_like(index)
             return self._fused_glofnd(prefix, fnd, sim, ids, index, own, positive, per_row,
-                                      scale, u, blocks, update, row_labels, col_labels, valid)
+                                      scale, u, blocks, update, row_labels, col_labels, valid,
+                                      scale_value)
         removed = flagged = thr = None
         if method != "none":
             removed, flagged, thr = self._detect(fnd, sim.detach(), index, valid(), row_labels,
@@ -338,7 +341,8 @@ class _Detector(nn.Module):
             loss, kept = _ops.info_nce_loss(sim, scale, positive, own, None, removed, per_row,
                                             applied)
         else:
-            c, shift = float(scale.detach()), own is None
+            c = float(scale.detach()) if scale_value is None else scale_value
+            shift = own is None
             log_g, kept = _ops.call_sogclr_lme(sim.detach(), positive, own, None, removed, c,
                                                shift)
             log_u = self._move_rows_state(u, index, log_g, blocks=blocks)
@@ -360,13 +364,14 @@ class _Detector(nn.Module):
                       own: Optional[Tensor], positive: Tensor, per_row: int, scale: Tensor,
                       u: Optional[Tensor], blocks: int, update: bool,
                       row_labels: Optional[Tensor], col_labels: Optional[Tensor],
-                      valid) -> Tensor:
+                      valid, scale_value: Optional[float] = None) -> Tensor:
         """:meth:`_fused` for GloFND (or single) with its state here and masks applied: one
         kernel counts the rows against the current λ, updates λ and computes the forward with
         the new λ (:data:`glofnd._ops.fused_forward`); the gradient is attached by the InfoNCE's
         or SogCLR's own backward. With labels, the flags (finite valid entries above the new λ,
         the threshold step's mask) are made for the precision/recall diagnostics only."""
-        detached, c = sim.detach(), float(scale.detach())
+        detached = sim.detach()
+        c = float(scale.detach()) if scale_value is None else scale_value
         if u is None:
             loss, lse, kept, thr = fnd._fused_forward(detached, ids, positive, own, c, 0,
                                                       per_row, update)
@@ -593,7 +598,7 @@ class GloFNDLoss(_Detector):
                          dict(optimizer=optimizer, betas=betas, eps=eps,
                               init_lambda=init_lambda, bias_correction=bias_correction),
                          gather_distributed, distributed, process_group)
-        self.temperature = _check_real("temperature", temperature, 0.0, math.inf, True, True)
+        self.temperature = temperature
         self.fnd = self._new_fnd()
         if base == "sogclr":
             self.register_buffer("u", self._vector())
@@ -628,9 +633,10 @@ class GloFNDLoss(_Detector):
             lab = None if labels is None else torch.cat([labels, labels])
             col_lab = None if labels is None else torch.cat([all_labels, all_labels])
             self._start_stats(self.masking)
+            c = 1.0 / self.temperature
             per_row = self._fused("", self.fnd, sim, ids, own, positive, 2 * total - 2,
-                                  self._scale(1.0 / self.temperature, sim.dtype), self.u, 2,
-                                  lab, col_lab)
+                                  self._scale(c, sim.dtype), self.u, 2, lab, col_lab,
+                                  self._inv_temperature[sim.dtype])
             return per_row.mean()
         col = torch.arange(2 * total, device=sim.device).unsqueeze(0)
         valid = (col != own.unsqueeze(1)) & (col != positive.unsqueeze(1))
@@ -651,6 +657,20 @@ class GloFNDLoss(_Detector):
             pos = sim.gather(1, positive.unsqueeze(1)).squeeze(1)
             per_row = Fn.sogclr_surrogate(sim, pos, keep, log_u, self.temperature)
         return per_row.mean()
+
+    @property
+    def temperature(self) -> float:
+        """τ > 0."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        tau = _check_real("temperature", value, 0.0, math.inf, True, True)
+        # 1/τ as the C kernels take it: the value of the scale tensor of each dtype (the
+        # torch formulas' factor), kept as numbers so that no call reads it from a tensor
+        self._inv_temperature = {dtype: torch.tensor(1.0 / tau, dtype=dtype).item()
+                                 for dtype in (torch.float32, torch.float64)}
+        self._temperature = tau
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, " + self._extra()

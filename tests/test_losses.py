@@ -564,6 +564,40 @@ def test_compile_gives_the_same_values():
 
 @pytest.mark.parametrize("base", ["simclr", "sogclr"])
 @pytest.mark.parametrize("method", METHODS)
+def test_compile_traces_one_graph(backend, base, method):
+    """With check_index off, GloFNDLoss compiles to one graph (fullgraph=True raises on any
+    break) on both CPU paths: the scale reaches the kernels as a number, and λ's and u's
+    updates have no data-dependent shape. Values and state as in eager mode."""
+    torch._dynamo.reset()  # each case compiles the same forward anew: stay under the limit
+    eager = make(glofnd.GloFNDLoss, method, base)
+    eager.check_index = False
+    state = copy.deepcopy(eager)
+    compiled = torch.compile(state, backend="eager", fullgraph=True)
+    for s in range(3):
+        z0, z1, index, labels = batch(s, dtype=torch.float32)
+        torch.testing.assert_close(compiled(z0, z1, index, labels),
+                                   eager(z0, z1, index, labels), rtol=0, atol=0)
+    for k, v in eager.state_dict().items():
+        assert torch.equal(v, state.state_dict()[k]) if isinstance(v, torch.Tensor) \
+            else v == state.state_dict()[k], k
+
+
+def test_temperature_is_validated_and_reaches_the_kernels():
+    loss = glofnd.GloFNDLoss(20, temperature=0.07)
+    with pytest.raises(ValueError, match="temperature"):
+        loss.temperature = 0.0
+    assert loss.temperature == 0.07
+    z0, z1, index, _ = batch(0, dtype=torch.float32)
+    before = loss(z0, z1, index)
+    loss.temperature = 0.5  # a later change is used by the next call
+    fresh = glofnd.GloFNDLoss(20, temperature=0.5)
+    fresh.load_state_dict(loss.state_dict())
+    torch.testing.assert_close(loss(z0, z1, index), fresh(z0, z1, index), rtol=0, atol=0)
+    assert not torch.equal(before, fresh(z0, z1, index))
+
+
+@pytest.mark.parametrize("base", ["simclr", "sogclr"])
+@pytest.mark.parametrize("method", METHODS)
 def test_batch_order_does_not_matter(base, method):
     a = make(glofnd.GloFNDLoss, method, base)
     b = copy.deepcopy(a)
