@@ -563,10 +563,32 @@ def section_c(cfg) -> list[str]:
         lines.append(f"- target GloFND adds at most 5% to the loss step, {base}, B = {b}"
                      f"{'' if t is None else ', 1 thread (CPU time)'}: {100 * over:+.1f}%, "
                      f"{'met' if over <= 0.05 else 'missed'}{noisy}")
-    if not cuda:
-        for paragraph in LOSS_NOTES:
-            lines += ["", paragraph]
+    for paragraph in (CUDA_LOSS_NOTES if cuda else LOSS_NOTES):
+        lines += ["", paragraph]
     return lines
+
+
+CUDA_LOSS_NOTES = """How the loss step runs on a GPU: the losses run glofnd's pure-torch \
+reference there (no custom kernels), so a step is a sequence of small torch operations, and up \
+to B = 4096 their launch from Python (about 10-20 µs of host time each on the machine below) \
+costs more than their work on the GPU: the `none` column hardly grows from B = 256 to 4096. \
+GloFND adds about 110 of them to SimCLR's step (the counts against λ, the grouping by index, \
+Adam, the mask and the kept counts, and the mask's use in the loss and its backward; counted \
+with `torch.profiler` on the same path on the CPU) and about 220 to CLIP's two directions. The overhead is that launch cost, not memory traffic.
+
+Before the reference path was freed of host synchronisation (commit 7b10989, an H100 80GB HBM3 \
+of the same kind, 2026-11-27 02:58 UTC, same command), the overheads were: simclr +187.5% / \
++153.5% / +109.0%, sogclr +110.8% / +104.3% / +89.0%, clip +291.4% / +285.5% / +253.4% at B = \
+256 / 1024 / 4096. Adam's bias correction then ran a loop with one host sync per bit of the \
+step count (about 20 syncs and 140 launches per call once the counts reached ~1000), and \
+`torch.unique` and boolean indexing synchronised too. Now 1 − β^t comes from a table of the \
+same binary-exponentiation products (the same bytes as the C loop, tested), samples are grouped \
+by a sort, and the only sync left is the check of the index range (`check_index`).
+
+What would close the rest, not done: one fused GPU kernel per direction, as on the CPU (counts, \
+update and the masked sums in one pass over the similarities), or letting `torch.compile` trace \
+the reference on GPUs (the threshold step is an opaque custom op under compile today, so \
+Inductor fuses the loss around it but not the step itself).""".split("\n\n")
 
 
 LOSS_NOTES = """How the loss step runs on the CPU (`glofnd._ops`, csrc/loss.c; docs/losses.md): \
@@ -756,9 +778,14 @@ def section_e(cfg) -> list[str]:
         lines.append(f"- target extra memory at most {what}, {base}, B = {b}: "
                      f"{extra / mask:.2f} x ({mib(extra)} MiB), "
                      f"{'met' if extra <= mask else 'missed'}")
-    if not cuda:
-        lines += ["", MEMORY_NOTES]
+    lines += ["", CUDA_MEMORY_NOTES if cuda else MEMORY_NOTES]
     return lines
+
+
+CUDA_MEMORY_NOTES = """What the extra is on a GPU: the reference path's threshold step \
+returns the R x M bool mask, which the loss's torch formulas keep for the backward, so the extra \
+is the mask, plus a few (R,) vectors of counts and thresholds (0.03 MiB at B = 4096: the \
+"missed" by 1.00x above). No R x M float temporary is added."""
 
 
 MEMORY_NOTES = """What the extra is: on the CPU GloFND makes no R x M array at all: the fused \
@@ -821,10 +848,10 @@ other processes occupy the cores, a call that asks for 2 threads can wait for a 
 the scheduler (milliseconds) instead of microseconds; `OMP_WAIT_POLICY=passive` or
 `OMP_DYNAMIC=true` avoid most of it. The OpenMP environment of each run is recorded below.
 
-Sections c and e (the losses) run on a GPU too: `python benchmarks/run.py --only c,e --device
-cuda` (timings synchronise after each step and are wall clock; memory is the caching allocator's
-peak, `torch.cuda.max_memory_allocated`). No GPU was available for the runs below: the loss step
-on a GPU is not measured here.
+Sections c and e (the losses) run on a GPU too, as sections c (cuda) and e (cuda): `python
+benchmarks/run.py --only c,e --device cuda`, or `bash benchmarks/cuda_check.sh`, which also runs
+the CUDA tests (timings synchronise after each step and are wall clock; memory is the caching
+allocator's peak, `torch.cuda.max_memory_allocated`). Each says its card.
 """
 
 
