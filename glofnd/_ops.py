@@ -31,7 +31,7 @@ _lib.define(
     "threshold_step(Tensor sim, Tensor index, Tensor? valid, Tensor(a!) lambdas, "
     "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) steps, float alpha, float lr, "
     "float beta1, float beta2, float eps, float lo, float hi, int optimizer, int step, "
-    "bool update) -> (Tensor, Tensor)"
+    "bool update, bool check_index=True) -> (Tensor, Tensor)"
 )
 
 
@@ -51,9 +51,13 @@ def _check_range(index: Tensor, n: int) -> None:
 
 
 def _threshold_step_any(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
-                        alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update):
-    """Any device: the reference in plain torch on the tensors' own device."""
-    _check_range(index, lambdas.shape[0])
+                        alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update,
+                        check_index=True):
+    """Any device: the reference in plain torch on the tensors' own device. ``check_index``
+    False skips the range check (a host read of the index: on a GPU a wait for the device),
+    for callers that checked it, or whose user waived it (the losses' ``check_index``)."""
+    if check_index:
+        _check_range(index, lambdas.shape[0])
     return reference.threshold_step(
         sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
         alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update,
@@ -61,11 +65,14 @@ def _threshold_step_any(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
 
 
 def _threshold_step_cpu(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
-                        alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update):
-    """CPU: the C kernel on the tensors' memory (``Tensor.numpy()`` shares it, no copy)."""
+                        alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update,
+                        check_index=True):
+    """CPU: the C kernel on the tensors' memory (``Tensor.numpy()`` shares it, no copy). The
+    kernel checks the index range whatever ``check_index`` says (it costs nothing there)."""
     if not _use_c():
         return _threshold_step_any(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
-                                   alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update)
+                                   alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update,
+                                   check_index)
     mask, kept = _C.step(
         sim.detach().numpy(), index.numpy(), None if valid is None else valid.numpy(),
         lambdas.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), steps.numpy(),
@@ -78,7 +85,8 @@ def _threshold_step_cpu(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
 
 
 def _threshold_step_fake(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
-                         alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update):
+                         alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update,
+                         check_index=True):
     return (torch.empty(sim.shape, dtype=torch.bool, device=sim.device),
             torch.empty(sim.shape[:1], dtype=torch.int64, device=sim.device))
 

@@ -282,8 +282,8 @@ class _Detector(nn.Module):
                 flagged, thr = D.loss_step(fnd, sim, ids, valid, update)
             elif self.state_on_cpu and sim.device != fnd.lambdas.device:
                 flagged, thr = gathered_step(fnd, sim, ids, valid, update)
-            else:
-                flagged, _ = fnd.step(sim, ids, valid, update)
+            else:  # the index range was checked by forward (or waived: check_index)
+                flagged, _ = fnd._step(sim, ids, valid, update, False)
                 thr = fnd.lambdas[ids]
         elif not mask_on:
             return None, None, None

@@ -20,41 +20,54 @@ _TABLE_BITS = 16
 _POW_TABLES: dict = {}
 
 
-def _pow_table(base: float, device: torch.device) -> tuple[Tensor, list[float]]:
-    """``(table, squares)``: squares[k] = base^(2^k) by repeated squaring in float64, and
-    table[j] (2^16,) float64 on ``device`` = the product of squares[k] over the set bits k of j,
-    multiplied in increasing k from 1.0: binary exponentiation's multiplication sequence, done
-    once per (base, device) on the host (NumPy's float64 products are IEEE like the C core's)."""
-    key = (base, str(device))
+def _pow_table(bases: tuple[float, ...], device: torch.device) -> tuple[Tensor, list]:
+    """``(table, squares)`` for each base b of ``bases``: squares[k] = b^(2^k) by repeated
+    squaring in float64, and table[row, j] ((len(bases), 2^16) float64 on ``device``) = the
+    product of squares[k] over the set bits k of j, multiplied in increasing k from 1.0: binary
+    exponentiation's multiplication sequence, done once per (bases, device) on the host (NumPy's
+    float64 products are IEEE like the C core's)."""
+    key = (bases, str(device))
     hit = _POW_TABLES.get(key)
     if hit is None:
-        squares = [base]
-        for _ in range(31):
-            squares.append(squares[-1] * squares[-1])
+        rows, all_squares = [], []
         j = np.arange(1 << _TABLE_BITS)
-        table = np.ones(1 << _TABLE_BITS)
-        for k in range(_TABLE_BITS):
-            table = np.where((j >> k) & 1, table * squares[k], table)
-        hit = _POW_TABLES[key] = (torch.from_numpy(table).to(device), squares)
+        for base in bases:
+            squares = [base]
+            for _ in range(63):
+                squares.append(squares[-1] * squares[-1])
+            table = np.ones(1 << _TABLE_BITS)
+            for k in range(_TABLE_BITS):
+                table = np.where((j >> k) & 1, table * squares[k], table)
+            rows.append(table)
+            all_squares.append(squares)
+        hit = _POW_TABLES[key] = (torch.from_numpy(np.stack(rows)).to(device), all_squares)
     return hit
 
 
-def _bias_denominator(base: float, exponent: Tensor) -> Tensor:
-    """1 − base^e (float64) for Adam's bias correction, e ≥ 1 (int64, < 2^31), with base^e
-    computed as csrc/threshold.c does (binary exponentiation: the same multiplications in the
-    same order, so the same bytes), without a loop over the data or a host sync: the product of
-    the low 16 bits comes from a table; the high bits continue it factor by factor. When
-    base^(2^16) ≤ 2^-55 (base ≤ 0.9994: any e with a high bit set gives a power under half an
-    ulp of 1), 1 − base^e is exactly 1.0 there, whatever the factors."""
-    table, squares = _pow_table(base, exponent.device)
-    low = table[exponent & ((1 << _TABLE_BITS) - 1)]
+def _bias_denominators(bases: tuple[float, ...], exponent: Tensor, bits: int = 31) -> Tensor:
+    """1 − b^e for each base b (rows of the (len(bases), R) float64 result) for Adam's bias
+    correction, e ≥ 1 (an integer tensor, < 2^bits), with b^e computed as csrc/threshold.c does
+    (binary exponentiation: the same multiplications in the same order, so the same bytes),
+    without a loop over the data or a host sync: the product of the low 16 bits comes from a
+    table; the high bits continue it factor by factor. When b^(2^16) ≤ 2^-55 (b ≤ 0.9994: any
+    e with a high bit set gives a power under half an ulp of 1), 1 − b^e is exactly 1.0 there,
+    whatever the factors."""
+    table, squares = _pow_table(bases, exponent.device)
+    low = table[:, exponent & ((1 << _TABLE_BITS) - 1)]
     high = exponent >> _TABLE_BITS
-    if squares[_TABLE_BITS] <= 2.0 ** -55:
+    if all(sq[_TABLE_BITS] <= 2.0 ** -55 for sq in squares):
         return torch.where(high > 0, 1.0, 1.0 - low)
-    for k in range(_TABLE_BITS, 31):  # base close to 1: multiply on, as the C loop does
+    for k in range(_TABLE_BITS, bits):  # a base close to 1: multiply on, as the C loop does
         bit = ((exponent >> k) & 1) == 1
-        low = torch.where(bit, low * squares[k], low)
+        factor = torch.tensor([sq[k] for sq in squares], dtype=torch.float64,
+                              device=exponent.device).unsqueeze(1)
+        low = torch.where(bit, low * factor, low)
     return 1.0 - low
+
+
+def _bias_denominator(base: float, exponent: Tensor) -> Tensor:
+    """1 − base^e, (R,) float64: :func:`_bias_denominators` of one base."""
+    return _bias_denominators((base,), exponent)[0]
 
 
 def row_counts(sim: Tensor, index: Tensor, valid: Optional[Tensor],
@@ -70,13 +83,11 @@ def _row_counts(sim: Tensor, index: Tensor, ok: Tensor, lambdas: Tensor
 
 
 def group_ids(index: Tensor) -> Tensor:
-    """(R,) int64 in [0, R): one id per distinct value of ``index`` (R,), shared by its rows.
-    Built from a sort, without ``torch.unique``, whose output size is data-dependent (a host
-    sync on accelerators)."""
-    ordered, order = torch.sort(index, stable=True)
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    return torch.empty_like(order).scatter_(0, order, torch.cumsum(first, 0) - 1)
+    """(R,) int64 in [0, R): one id per distinct value of ``index`` (R,), shared by its rows
+    (the position of the value's first occurrence in the sorted index). Built from a sort,
+    without ``torch.unique``, whose output size is data-dependent (a host sync on
+    accelerators)."""
+    return torch.searchsorted(torch.sort(index).values, index)
 
 
 def pooled_update(index: Tensor, above: Tensor, nvalid: Tensor, lambdas: Tensor,
@@ -94,25 +105,27 @@ def pooled_update(index: Tensor, above: Tensor, nvalid: Tensor, lambdas: Tensor,
     pooled = torch.zeros_like(counts).index_add_(0, gid, counts)[gid]
     count, total = pooled[:, 0], pooled[:, 1]
     has = total > 0  # elsewhere g is 0/0: computed, never written
-    g = alpha - count.double() / total.double()
+    g = alpha - count.double() / total  # the int64 total is promoted exactly
     old_steps = steps[index]
-    t = torch.clamp(old_steps.to(torch.int64) + 1, max=2**31 - 1)
+    t = torch.clamp(old_steps, max=2**31 - 2) + 1  # the count saturates at INT32_MAX
     old_lam = lambdas[index]
     lam = old_lam.double()
     if optimizer == ADAM:
         old_m, old_v = exp_avg[index], exp_avg_sq[index]
         m = beta1 * old_m.double() + (1.0 - beta1) * g
         v = beta2 * old_v.double() + (1.0 - beta2) * g * g
-        tb = torch.full_like(t, step) if step > 0 else t
-        mhat = m / _bias_denominator(beta1, tb)
-        vhat = v / _bias_denominator(beta2, tb)
-        lam = lam - lr * mhat / (vhat.sqrt() + eps)
+        if step > 0:  # t = epoch + 1 for every sample (an int64: epochs are not bounded)
+            d = _bias_denominators((beta1, beta2), torch.full_like(t, step, dtype=torch.int64),
+                                   max(31, int(step).bit_length()))
+        else:
+            d = _bias_denominators((beta1, beta2), t)
+        lam = lam - lr * (m / d[0]) / ((v / d[1]).sqrt() + eps)
         exp_avg[index] = torch.where(has, m.float(), old_m)
         exp_avg_sq[index] = torch.where(has, v.float(), old_v)
     else:
         lam = lam - lr * g
     lambdas[index] = torch.where(has, lam.clamp(lo, hi).float(), old_lam)
-    steps[index] = torch.where(has, t.to(steps.dtype), old_steps)
+    steps[index] = torch.where(has, t, old_steps)
 
 
 def mask_rows(sim: Tensor, index: Tensor, valid: Optional[Tensor],

@@ -209,6 +209,13 @@ class GloFND(nn.Module):
 
         With ``distributed`` set and more than one process, the call is collective (with
         ``update=True``, and always when sharded): every process calls it with its own rows."""
+        return self._step(sim, index, valid, update, True)
+
+    def _step(self, sim: Tensor, index: Tensor, valid: Optional[Tensor], update: bool,
+              check_index: bool) -> tuple[Tensor, Tensor]:
+        """:meth:`step`; ``check_index`` False leaves out the reference path's index range
+        check (a host sync on accelerators), for the losses, which check it themselves unless
+        their user turned ``check_index`` off. The C kernel checks it always."""
         step = self.epoch + 1 if self.bias_correction == "epoch" else 0
         if self._multi_process():
             if not isinstance(update, (bool, np.bool_)):
@@ -228,7 +235,7 @@ class GloFND(nn.Module):
             sim = sim.float()
         args = (sim, index.to(torch.int64), valid, *state, self.alpha, self.lr, self.betas[0],
                 self.betas[1], self.eps, self.clamp[0], self.clamp[1],
-                _OPTIMIZERS[self.optimizer], step, bool(update))
+                _OPTIMIZERS[self.optimizer], step, bool(update), bool(check_index))
         if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
             return _ops.threshold_step(*args)
         if _dist.guard_active(self):  # multi-process run: was the state replaced since?

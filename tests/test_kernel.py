@@ -317,7 +317,7 @@ def test_bias_denominator_is_binary_exponentiation(beta):
 
 @needs_c
 @pytest.mark.parametrize("betas", [(0.9, 0.98), (0.9, 0.99999), (0.99999, 0.9999)])
-@pytest.mark.parametrize("step", [0, 70_000])
+@pytest.mark.parametrize("step", [0, 70_000, 2**40 + 3])
 def test_large_step_counts_equal_reference_bytes(betas, step):
     """Samples updated more than 2^16 times (or epoch-based t > 2^16), with betas on both sides
     of the reference's shortcut: C and reference give the same bytes."""

@@ -761,3 +761,31 @@ def test_fused_path_with_labels_gives_the_reference_diagnostics(kind, method):
             assert got[k] == want[k] or (math.isnan(got[k]) and math.isnan(want[k])), k
     if method != "none":
         assert any("precision" in k for k in out[0][1][-1])
+
+
+def test_reference_path_checks_the_index_range_once(monkeypatch):
+    """On the reference path (the one of GPUs), a loss step reads the index range from the
+    device once, in forward (``check_index``), not again in λ's step; GloFND.step alone checks
+    it itself. Out-of-range indices are refused by name either way."""
+    calls = []
+    real = _ops._check_range
+
+    def counting(index, n):
+        calls.append(n)
+        return real(index, n)
+
+    monkeypatch.setattr(_ops, "_check_range", counting)
+    z0, z1, index, _ = batch(0, dtype=torch.float32)
+    with glofnd.use_backend("reference"):
+        loss = make(glofnd.GloFNDLoss, "glofnd", "simclr")
+        loss(z0, z1, index)
+        assert calls == []
+        bad = index.clone()
+        bad[0] = 20
+        with pytest.raises(IndexError, match="index holds 20"):
+            loss(z0, z1, bad)
+        fnd = glofnd.GloFND(20)
+        fnd.step(torch.rand(6, 6), index)
+        assert calls == [20]
+        with pytest.raises(IndexError, match="index holds 20"):
+            fnd.step(torch.rand(6, 6), bad)
