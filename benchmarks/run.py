@@ -525,6 +525,7 @@ def section_c(cfg) -> list[str]:
             step, inputs = loss_case(base, b, n, dev)
             losses = {m: make_loss(base, m, n).to(dev) for m in ("glofnd", "none")}
             warm_lambdas(losses["glofnd"], inputs)
+            ops = {m: count_ops(lambda f=f: step(f)) for m, f in losses.items()}
             for t in threads:
                 if t is not None:
                     torch.set_num_threads(t)
@@ -544,13 +545,14 @@ def section_c(cfg) -> list[str]:
                              f"{us(o)}", f"{us(g)}", f"{100 * over:+.1f}%",
                              f"{100 * q[0]:+.1f}% to {100 * q[2]:+.1f}%",
                              f"{us(ow)} / {us(gw)} ({100 * (gw / ow - 1):+.1f}%)"
-                             if use_cpu else "-", f"{100 * share:.2f}%"])
+                             if use_cpu else "-", f"{100 * share:.2f}%",
+                             f"{ops['none']} / {ops['glofnd']}"])
                 if t in (1, None):
                     verdicts.append((base, b, t, over, q))
                 print(f"  c: {base} B={b} threads={t} done", file=sys.stderr)
     lines += table(["loss", "B", "threads", "clock", "none µs", "glofnd µs", "overhead",
                     "per-repeat overhead p25-p75", "wall µs none / glofnd, 1 thread",
-                    "removed (last step)"], rows)
+                    "removed (last step)", "torch ops per step, none / glofnd"], rows)
     lines.append("")
     for r in rows:
         if r[2] == 2:
@@ -572,9 +574,8 @@ CUDA_LOSS_NOTES = """How the loss step runs on a GPU: the losses run glofnd's pu
 reference there (no custom kernels), so a step is a sequence of small torch operations, and up \
 to B = 4096 their launch from Python (about 10-20 µs of host time each on the machine below) \
 costs more than their work on the GPU: the `none` column hardly grows from B = 256 to 4096. \
-GloFND adds about 110 of them to SimCLR's step (the counts against λ, the grouping by index, \
-Adam, the mask and the kept counts, and the mask's use in the loss and its backward; counted \
-with `torch.profiler` on the same path on the CPU) and about 220 to CLIP's two directions. The overhead is that launch cost, not memory traffic.
+GloFND adds the operations of the last column (the counts against λ, the grouping by index, \
+Adam, the mask and the kept counts, and the mask's use in the loss and its backward). The overhead is that launch cost, not memory traffic.
 
 Before the reference path was freed of host synchronisation (commit 7b10989, an H100 80GB HBM3 \
 of the same kind, 2026-11-27 02:58 UTC, same command), the overheads were: simclr +187.5% / \
@@ -628,6 +629,19 @@ Synthetic features: the second view is the first plus 1.5 x N(0, 1) noise (posit
 ~0.55). With much closer positives (cosine ~0.9) and CLIP's logit scale 100, exp(s - max) \
 underflows into float32 subnormals in torch's path and every variant's step costs ~3x as much, \
 which would make the overhead ratio look smaller than it is.""".split("\n\n")
+
+
+def count_ops(fn) -> int:
+    """The torch operations one call of ``fn`` dispatches from Python (``torch.profiler``
+    events named aten::* whose parent is not one): on a GPU each is at least one launch from the
+    host, which bounds a small step's time whatever the GPU does."""
+    from torch.profiler import ProfilerActivity, profile
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
 def _status_kib() -> dict[str, int]:
