@@ -64,18 +64,27 @@ def _threshold_step_any(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
     )
 
 
+def _state_views(lambdas, exp_avg, exp_avg_sq, steps, views):
+    """NumPy views of the four state tensors: ``views`` when the caller kept them for these
+    tensors (:meth:`glofnd.GloFND._state_arrays`), else made now."""
+    if views is not None:
+        return views
+    return lambdas.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), steps.numpy()
+
+
 def _threshold_step_cpu(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
                         alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update,
-                        check_index=True):
+                        check_index=True, views=None):
     """CPU: the C kernel on the tensors' memory (``Tensor.numpy()`` shares it, no copy). The
-    kernel checks the index range whatever ``check_index`` says (it costs nothing there)."""
+    kernel checks the index range whatever ``check_index`` says (it costs nothing there).
+    ``views``: NumPy views of the four state tensors, when the caller keeps them."""
     if not _use_c():
         return _threshold_step_any(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
                                    alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update,
                                    check_index)
     mask, kept = _C.step(
         sim.detach().numpy(), index.numpy(), None if valid is None else valid.numpy(),
-        lambdas.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), steps.numpy(),
+        *_state_views(lambdas, exp_avg, exp_avg_sq, steps, views),
         alpha=alpha, lr=lr, beta1=beta1, beta2=beta2, eps=eps, lo=lo, hi=hi,
         optimizer=optimizer, step=step, update=update, num_threads=torch.get_num_threads(),
     )
@@ -145,11 +154,12 @@ def _direct(*args) -> bool:
             and all(type(a) is Tensor or not isinstance(a, Tensor) for a in args))
 
 
-def _call(op, cpu_impl, tensors: int, *args):
+def _call(op, cpu_impl, tensors: int, *args, **direct):
     """``op(*args)``; straight to its CPU implementation when :func:`_direct` allows it for the
-    first ``tensors`` arguments (those that may be tensors) and the first is on the CPU."""
+    first ``tensors`` arguments (those that may be tensors) and the first is on the CPU. The
+    keywords ``direct`` go to that implementation only (the op's schema has no place for them)."""
     if _direct(*args[:tensors]) and args[0].device.type == "cpu":
-        return cpu_impl(*args)
+        return cpu_impl(*args, **direct)
     return op(*args)
 
 
@@ -397,16 +407,17 @@ def _fused_forward_any(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq, 
 
 def _fused_forward_cpu(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq, steps, scale,
                        kind, per_row, ratio, alpha, lr, beta1, beta2, eps, lo, hi, optimizer,
-                       step, update):
-    """CPU: one C kernel (csrc/loss.c, glofnd_fused_fwd) that counts, updates and sums."""
+                       step, update, views=None):
+    """CPU: one C kernel (csrc/loss.c, glofnd_fused_fwd) that counts, updates and sums.
+    ``views``: NumPy views of the four state tensors, when the caller keeps them."""
     if not _use_c():
         return _fused_forward_any(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq,
                                   steps, scale, kind, per_row, ratio, alpha, lr, beta1, beta2,
                                   eps, lo, hi, optimizer, step, update)
     out0, out1, kept, thr = _C.fused_forward(
-        sim.numpy(), positive.numpy(), _np(own), index.numpy(), lambdas.numpy(),
-        exp_avg.numpy(), exp_avg_sq.numpy(), steps.numpy(), scale, kind, per_row, ratio, alpha,
-        lr, beta1, beta2, eps, lo, hi, optimizer, step, update, torch.get_num_threads())
+        sim.numpy(), positive.numpy(), _np(own), index.numpy(),
+        *_state_views(lambdas, exp_avg, exp_avg_sq, steps, views), scale, kind, per_row, ratio,
+        alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update, torch.get_num_threads())
     if update:
         torch.autograd.graph.increment_version((lambdas, exp_avg, exp_avg_sq, steps))
     out0 = torch.from_numpy(out0)
@@ -472,14 +483,16 @@ info_nce_attach = torch.ops.glofnd.info_nce_attach
 
 # --- the losses' entry points: straight to the CPU kernels when nothing else would run --------
 
-def call_threshold_step(*args):
-    """:data:`threshold_step` through :func:`_call` (``GloFND.step``)."""
-    return _call(threshold_step, _threshold_step_cpu, 7, *args)
+def call_threshold_step(*args, views=None):
+    """:data:`threshold_step` through :func:`_call` (``GloFND.step``); ``views`` as
+    :func:`_threshold_step_cpu` takes them."""
+    return _call(threshold_step, _threshold_step_cpu, 7, *args, views=views)
 
 
-def call_fused_forward(*args):
-    """:data:`fused_forward` through :func:`_call`."""
-    return _call(fused_forward, _fused_forward_cpu, 8, *args)
+def call_fused_forward(*args, views=None):
+    """:data:`fused_forward` through :func:`_call`; ``views`` as :func:`_fused_forward_cpu`
+    takes them."""
+    return _call(fused_forward, _fused_forward_cpu, 8, *args, views=views)
 
 
 def call_sogclr_lme(*args):

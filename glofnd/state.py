@@ -183,6 +183,7 @@ class GloFND(nn.Module):
         self.bias_correction = bias_correction
         self.epoch = 0
         self._lock = threading.Lock()
+        self._arrays = None  # see _state_arrays
         self.distributed = _dist.resolve_mode(distributed)
         self.process_group = process_group
         self.check_overwrite = bool(check_overwrite)
@@ -224,7 +225,7 @@ class GloFND(nn.Module):
         # the index range is checked by the op's kernels (C and reference), which keeps this
         # path free of data-dependent Python and traceable by torch.compile
         check_batch(sim, index, valid, self.num_samples, check_index=False)
-        state = self._check_state()
+        state, views = self._state_for_kernels()
         if sim.device != state[0].device:
             raise ValueError(f"sim is on {sim.device} but the state is on {state[0].device}; "
                              "move the module with .to(device)")
@@ -233,7 +234,9 @@ class GloFND(nn.Module):
         sim = sim.detach()
         if sim.dtype not in (torch.float32, torch.float64):
             sim = sim.float()
-        args = (sim, index.to(torch.int64), valid, *state, self.alpha, self.lr, self.betas[0],
+        if index.dtype != torch.int64:
+            index = index.to(torch.int64)
+        args = (sim, index, valid, *state, self.alpha, self.lr, self.betas[0],
                 self.betas[1], self.eps, self.clamp[0], self.clamp[1],
                 _OPTIMIZERS[self.optimizer], step, bool(update), bool(check_index))
         if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
@@ -248,7 +251,7 @@ class GloFND(nn.Module):
                     _dist.record_write(self, torch.unique(args[1]))
                 return out
         with self._lock:  # one state, one writer: concurrent calls on it are serialised
-            return _ops.call_threshold_step(*args)
+            return _ops.call_threshold_step(*args, views=views)
 
     def _fused_forward(self, sim: Tensor, index: Tensor, positive: Tensor,
                        own: Optional[Tensor], scale: float, kind: int, per_row: int,
@@ -257,7 +260,7 @@ class GloFND(nn.Module):
         :meth:`step` (when ``update``; the rows' own column and positive excluded by index, no
         mask made) and the loss's forward in one pass. The arguments are the losses' own, already
         checked; one process only (the losses take :meth:`step` otherwise)."""
-        state = self._check_state()
+        state, views = self._state_for_kernels()
         step = self.epoch + 1 if self.bias_correction == "epoch" else 0
         args = (sim, positive, own, index, *state, scale, kind, per_row, True, self.alpha,
                 self.lr, self.betas[0], self.betas[1], self.eps, self.clamp[0], self.clamp[1],
@@ -265,7 +268,7 @@ class GloFND(nn.Module):
         if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
             return _ops.fused_forward(*args)
         with self._lock:
-            return _ops.call_fused_forward(*args)
+            return _ops.call_fused_forward(*args, views=views)
 
     def _multi_process(self) -> bool:
         if self.distributed is None:
@@ -307,6 +310,36 @@ class GloFND(nn.Module):
                 raise ValueError(f"the state buffer {name} is on {t.device}, lambdas on "
                                  f"{device}")
         return state
+
+    def _state_for_kernels(self) -> tuple[tuple[Tensor, ...], Optional[tuple[np.ndarray, ...]]]:
+        """``(buffers, views)``: the checked buffers, and NumPy views of them where the call
+        will run the C kernels directly (eager, state on the CPU, extension in use), else None
+        (traced code must not read addresses or make arrays)."""
+        lam = self._buffers.get("lambdas")
+        if (isinstance(lam, Tensor) and lam.device.type == "cpu" and _ops._use_c()
+                and not torch.compiler.is_compiling()):
+            return self._state_arrays()
+        return self._check_state(), None
+
+    def _state_arrays(self) -> tuple[tuple[Tensor, ...], tuple[np.ndarray, ...]]:
+        """``(buffers, views)``: :meth:`_check_state`'s buffers and NumPy views of their memory,
+        for the direct calls of the C kernels (CPU). Both are kept while the four buffers stay
+        the same objects at the same addresses and shapes, which costs four identity and
+        address checks per call instead of the checks and four ``Tensor.numpy()`` (about 5 µs);
+        anything that replaces a buffer (``.to()``, ``_apply``, assignment) or its memory
+        (``.data =``, ``set_``, ``resize_``) makes them be built and checked again."""
+        b = self._buffers
+        state = (b.get("lambdas"), b.get("exp_avg"), b.get("exp_avg_sq"), b.get("steps"))
+        kept = self._arrays
+        if kept is not None and all(
+                t is k and t.data_ptr() == p and t.shape == shape
+                for t, k, p, shape in zip(state, kept[0], kept[2], kept[3])):
+            return kept[0], kept[1]
+        state = self._check_state()
+        views = tuple(t.numpy() for t in state)
+        self._arrays = (state, views, tuple(t.data_ptr() for t in state),
+                        tuple(t.shape for t in state))
+        return state, views
 
     def forward(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
                 update: bool = True) -> Tensor:
@@ -375,11 +408,12 @@ class GloFND(nn.Module):
         state = self.__dict__.copy()
         state.pop("_lock", None)
         state["_last_write"] = None
+        state["_arrays"] = None  # views of this process's memory
         return state
 
     def __setstate__(self, state):
         for name, default in (("distributed", None), ("process_group", None),
-                              ("check_overwrite", True)):
+                              ("check_overwrite", True), ("_arrays", None)):
             state.setdefault(name, default)
         self.__dict__.update(state)
         self._lock = threading.Lock()

@@ -97,7 +97,7 @@ class _Probe:
         self.unlocked = 0
         self.guard = threading.Lock()
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         with self.guard:
             self.active += 1
             self.calls += 1
@@ -105,7 +105,7 @@ class _Probe:
             self.unlocked += not self.fnd._lock.locked()
         try:
             time.sleep(0.002)  # widen the window in which an unserialised call would overlap
-            return self.op(*args)
+            return self.op(*args, **kwargs)
         finally:
             with self.guard:
                 self.active -= 1

@@ -173,3 +173,63 @@ def test_any_layout_gives_the_same_bytes(backend, replace):
         assert torch.equal(a(sim, idx), b(sim, idx))
     for k in STATE:
         assert torch.equal(getattr(a, k), getattr(b, k)), k
+
+
+def _twin_steps(fnd, twin, stream):
+    for sim, idx in stream:
+        ma, _ = fnd.step(sim, idx)
+        mb, _ = twin.step(sim, idx)
+        assert torch.equal(ma, mb)
+    for name in STATE:
+        assert torch.equal(getattr(fnd, name), getattr(twin, name)), name
+
+
+@pytest.mark.parametrize("change", ["data", "set_", "assign", "load", "deepcopy", "to"])
+def test_kept_views_follow_the_buffers(change):
+    """GloFND keeps NumPy views of its buffers between calls of the C kernels; whatever replaces
+    a buffer or its memory, the next step reads and writes the buffers the module holds now
+    (compared with a twin that never kept views: the reference backend)."""
+    stream = list(batches(30, 6))
+    fnd = glofnd.GloFND(30, alpha=0.1)
+    twin = glofnd.GloFND(30, alpha=0.1)
+    with glofnd.use_backend("reference"):
+        _twin_steps(fnd, twin, [])  # nothing yet
+    fnd.step(*stream[0])
+    with glofnd.use_backend("reference"):
+        twin.step(*stream[0])
+    old = fnd.lambdas
+    if change == "data":
+        fnd.lambdas.data = fnd.lambdas.data.clone()  # same object, new memory
+    elif change == "set_":
+        fnd.exp_avg.set_(fnd.exp_avg.clone())
+    elif change == "assign":
+        fnd.steps = fnd.steps.clone()
+    elif change == "load":
+        fnd.load_state_dict(twin.state_dict())  # in place: same memory
+    elif change == "deepcopy":
+        original, fnd = fnd, copy.deepcopy(fnd)
+        before = {k: getattr(original, k).clone() for k in STATE}
+    else:
+        fnd = fnd.to(torch.float64)
+    for sim, idx in stream[1:]:
+        fnd.step(sim, idx)
+        with glofnd.use_backend("reference"):
+            twin.step(sim, idx)
+    for name in STATE:
+        assert torch.equal(getattr(fnd, name), getattr(twin, name)), name
+    if change == "data":
+        assert fnd.lambdas is old and not torch.equal(old, torch.ones(30))
+    if change == "deepcopy":  # the original's memory was not written by the copy's steps
+        for k in STATE:
+            assert torch.equal(getattr(original, k), before[k]), k
+
+
+def test_kept_views_refuse_a_resized_buffer():
+    fnd = glofnd.GloFND(30)
+    sim, idx = next(batches(30, 1))
+    fnd.step(sim, idx)
+    before = fnd.lambdas.clone()
+    fnd.exp_avg.resize_(15)
+    with pytest.raises(ValueError, match="exp_avg must be 1-D of shape"):
+        fnd.step(sim, idx)
+    assert torch.equal(fnd.lambdas, before)
