@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from typing import Optional, Union
 
@@ -18,6 +19,7 @@ _OPTIMIZERS = {"adam": ADAM, "sgd": SGD}
 _STATE = (("lambdas", torch.float32), ("exp_avg", torch.float32),
           ("exp_avg_sq", torch.float32), ("steps", torch.int32))
 _BIAS_CORRECTION = ("sample", "epoch")
+_SHAPE = operator.attrgetter("shape")
 
 
 def _interleaved(size: int, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -331,14 +333,14 @@ class GloFND(nn.Module):
         b = self._buffers
         state = (b.get("lambdas"), b.get("exp_avg"), b.get("exp_avg_sq"), b.get("steps"))
         kept = self._arrays
-        if kept is not None and all(
-                t is k and t.data_ptr() == p and t.shape == shape
-                for t, k, p, shape in zip(state, kept[0], kept[2], kept[3])):
+        if (kept is not None and all(map(operator.is_, state, kept[0]))
+                and list(map(Tensor.data_ptr, state)) == kept[2]
+                and list(map(_SHAPE, state)) == kept[3]):
             return kept[0], kept[1]
         state = self._check_state()
         views = tuple(t.numpy() for t in state)
-        self._arrays = (state, views, tuple(t.data_ptr() for t in state),
-                        tuple(t.shape for t in state))
+        self._arrays = (state, views, list(map(Tensor.data_ptr, state)),
+                        list(map(_SHAPE, state)))
         return state, views
 
     def forward(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
