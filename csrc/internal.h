@@ -47,5 +47,8 @@ int glofnd_internal_threads_for(int requested, int64_t entries, int64_t groups);
 
 /* Prefetches the state entries of sample i for writing. */
 void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i);
+/* The state entries of every group of g, when the state is large (threshold.c). */
+void glofnd_internal_prefetch_groups(const glofnd_state *st, const int64_t *index,
+                                     const glofnd_grouping *g);
 
 #endif /* GLOFND_INTERNAL_H */

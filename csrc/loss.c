@@ -297,6 +297,8 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
         status_ = glofnd_internal_group_rows(index, (b)->rows, &g);                             \
         if (status_ != GLOFND_OK)                                                               \
             return status_;                                                                     \
+        if ((p)->update)                                                                        \
+            glofnd_internal_prefetch_groups(st, index, &g);                                     \
         const int nt = glofnd_internal_threads_for((b)->num_threads, (b)->rows * (b)->cols,    \
                                                    g.ngroups);                                  \
         (void)nt;                                                                               \

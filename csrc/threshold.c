@@ -41,6 +41,9 @@
 /* Groups ahead whose state entries are prefetched: the indices are random over n, so without it
  * every group would wait for four cache misses once the state outgrows the caches. */
 #define GLOFND_PREFETCH_GROUPS 4
+/* Samples from which the whole batch's state entries are prefetched up front: about 3 MiB of
+ * state, more than stays in the caches between steps. */
+#define GLOFND_PREFETCH_ALL_MIN ((int64_t)1 << 18)
 
 /* Entries per thread below which another thread costs more (fork, join) than it saves. */
 #define GLOFND_MIN_WORK_PER_THREAD ((int64_t)1 << 16)
@@ -354,6 +357,20 @@ static group_fn kernel_f64(void)
     }
 }
 
+/* Prefetches the state entries of every group of the batch at once, before any is used, when
+ * the state is too large to stay in the caches between steps: the misses of all the batch's
+ * samples are then in flight together, instead of a few groups' at a time (the per-group
+ * prefetch a few groups ahead still runs). At N = 10^7 this took the step from 1.09x to
+ * 1.01-1.03x its time at N = 10^3 (B = 512; docs/benchmarks.md, section d). */
+void glofnd_internal_prefetch_groups(const glofnd_state *st, const int64_t *index,
+                                     const glofnd_grouping *g)
+{
+    if (st->n < GLOFND_PREFETCH_ALL_MIN)
+        return;
+    for (int64_t k = 0; k < g->ngroups; ++k)
+        glofnd_internal_prefetch_state(st, index[g->order[g->starts[k]]]);
+}
+
 void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i)
 {
     GLOFND_PREFETCH_W(&GLOFND_LAMBDA(st, i));
@@ -374,6 +391,8 @@ static int run_step(group_fn fn, const void *sim, const glofnd_batch *b, glofnd_
         return status;
 
     const int64_t ngroups = g.ngroups;
+    if (p->update)
+        glofnd_internal_prefetch_groups(st, b->index, &g);
     const int nt = glofnd_internal_threads_for(p->num_threads, b->rows * b->cols, ngroups);
     (void)nt;
 #ifdef _OPENMP

@@ -258,13 +258,14 @@ ARGS = (0.1, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, 0, 0)  # alpha lr beta1 beta2 eps
 @pytest.mark.parametrize("kind", [0, 1, 2])
 @pytest.mark.parametrize("update", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fused_forward_equals_update_then_forward(backend, kind, update, dtype):
+@pytest.mark.parametrize("n", [30, 300_000])  # 300,000: the batch's entries prefetched up front
+def test_fused_forward_equals_update_then_forward(backend, kind, update, dtype, n):
     """One pass that counts, updates λ and sums: the state is bit-identical to the reference
     threshold_step with all but the own column and positive valid, and the outputs equal those of
     info_nce / sogclr_lme given the new λ (to float rounding: the stabiliser differs)."""
     unimodal = kind != 1
     sim, positive, own, index = fused_case(45, 60, kind + 7 * update, dtype, unimodal)
-    state = random_state(30, seed=3)
+    state = random_state(n, seed=3)
     a, b = clone_state(state), clone_state(state)
     out0, out1, kept, thr = _ops.fused_forward(sim, positive, own, index, *a.values(), 8.0,
                                                kind, 58, True, *ARGS[:-2], 0, 0, update)

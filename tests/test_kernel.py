@@ -338,3 +338,23 @@ def test_large_step_counts_equal_reference_bytes(betas, step):
     for k in STATE_KEYS:
         assert torch.equal(out[0][2][k], out[1][2][k]), k
     assert (out[0][2]["steps"][:25].long() > 65536).any()
+
+
+@needs_c
+def test_large_state_prefetched_up_front_equals_reference_bytes():
+    """From 2^18 samples the kernels prefetch the whole batch's state entries before the groups
+    run (csrc/threshold.c); the bytes are those of the reference, as for a small state."""
+    n = 300_000
+    out = []
+    for name in ("c", "reference"):
+        state = random_state(n, 5)
+        g = torch.Generator().manual_seed(6)
+        for _ in range(3):
+            sim = torch.rand(40, 33, generator=g) * 2 - 1
+            idx = torch.randint(0, n, (20,), generator=g)
+            with glofnd.use_backend(name):
+                mask, kept = op_step(sim, torch.cat([idx, idx]), None, state)
+        out.append((mask, kept, state))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    for k in STATE_KEYS:
+        assert torch.equal(out[0][2][k], out[1][2][k]), k
