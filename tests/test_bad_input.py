@@ -531,3 +531,21 @@ def test_c_empty_batch_is_a_noop(shape):
     assert mask.shape == shape and mask.dtype == np.bool_ and not mask.any()
     assert kept.shape == shape[:1] and kept.dtype == np.int64 and (kept == 0).all()
     assert _snapshot(st) == before
+
+
+@pytest.mark.skipif(_ops._C is None, reason="C extension not built")
+@pytest.mark.parametrize("all_given", [False, True])
+def test_c_step_names_an_unknown_keyword(all_given):
+    """An unknown keyword is named, also when every known one is given too (where CPython's own
+    message gives only a count), and the state is left as it was."""
+    st = numpy_api.init_state(10)
+    before = {k: v.copy() for k, v in st.items()}
+    sim = np.zeros((2, 3), dtype=np.float32)
+    index = np.array([0, 1])
+    kw = dict(alpha=0.1, lr=0.05, beta1=0.9, beta2=0.98, eps=1e-8, lo=-1.0, hi=1.0,
+              optimizer=0, step=0, update=True, num_threads=1) if all_given else {}
+    with pytest.raises(TypeError, match="unexpected keyword argument 'alpah'"):
+        _ops._C.step(sim, index, None, st["lambdas"], st["exp_avg"], st["exp_avg_sq"],
+                     st["steps"], alpah=0.1, **kw)
+    for k, v in st.items():
+        assert np.array_equal(v, before[k]), k
