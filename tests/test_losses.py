@@ -789,3 +789,33 @@ def test_reference_path_checks_the_index_range_once(monkeypatch):
         assert calls == [20]
         with pytest.raises(IndexError, match="index holds 20"):
             fnd.step(torch.rand(6, 6), bad)
+
+
+@pytest.mark.parametrize("cls,base", [(glofnd.GloFNDLoss, "simclr"), (glofnd.GloFNDLoss, "sogclr"),
+                                      (glofnd.GloFNDClipLoss, "clip"),
+                                      (glofnd.GloFNDClipLoss, "sogclr")])
+@pytest.mark.parametrize("method", METHODS)
+def test_reference_step_reads_from_the_device_once(cls, base, method, monkeypatch):
+    """The path of GPUs (the reference) reads tensor values on the host, which waits for the
+    device, once per loss step with check_index (the index range) and never without: forward
+    and backward, every base and method. Counted through the Tensor methods that read values
+    (item, tolist, bool, int, float, index, nonzero)."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    z0, z1, index, labels = batch(3, dtype=torch.float32)
+    with glofnd.use_backend("reference"):
+        for check in (True, False):
+            loss = make(cls, method, base)
+            loss.check_index = check
+            args = (z0.requires_grad_(), z1, SCALE, index, labels) if cls is glofnd.GloFNDClipLoss \
+                else (z0.requires_grad_(), z1, index, labels)
+            loss(*args)
+            reads.clear()
+            loss(*args).backward()
+            assert reads == (["tolist"] if check else []), (check, reads)
