@@ -142,7 +142,7 @@ def _mask_rows(sim: Tensor, index: Tensor, ok: Tensor, lambdas: Tensor
 
 
 def _valid(sim: Tensor, valid: Optional[Tensor]) -> Tensor:
-    ok = torch.isfinite(sim)  # NaN and ±inf are never valid
+    ok = sim.abs() < math.inf  # NaN and ±inf are never valid (torch.isfinite: 4 passes, not 2)
     return ok if valid is None else ok & valid
 
 
