@@ -25,7 +25,7 @@ def _pow_table(bases: tuple[float, ...], device: torch.device) -> tuple[Tensor, 
     squaring in float64, and table[row, j] ((len(bases), 2^16) float64 on ``device``) = the
     product of squares[k] over the set bits k of j, multiplied in increasing k from 1.0: binary
     exponentiation's multiplication sequence, done once per (bases, device) on the host (NumPy's
-    float64 products are IEEE like the C core's)."""
+    float64 products are IEEE like the C core's) and kept for the process (512 KiB per base)."""
     key = (bases, str(device))
     hit = _POW_TABLES.get(key)
     if hit is None:
