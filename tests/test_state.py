@@ -184,7 +184,8 @@ def _twin_steps(fnd, twin, stream):
         assert torch.equal(getattr(fnd, name), getattr(twin, name)), name
 
 
-@pytest.mark.parametrize("change", ["data", "set_", "assign", "load", "deepcopy", "to"])
+@pytest.mark.parametrize("change", ["data", "set_", "assign", "load", "deepcopy", "to",
+                                    "as_strided_"])
 def test_kept_views_follow_the_buffers(change):
     """GloFND keeps NumPy views of its buffers between calls of the C kernels; whatever replaces
     a buffer or its memory, the next step reads and writes the buffers the module holds now
@@ -209,6 +210,17 @@ def test_kept_views_follow_the_buffers(change):
     elif change == "deepcopy":
         original, fnd = fnd, copy.deepcopy(fnd)
         before = {k: getattr(original, k).clone() for k in STATE}
+    elif change == "as_strided_":
+        # λ moves to a private copy of the (N, 3) block (set_: new memory, the same layout) and
+        # steps once; then as_strided_ makes the same object, at the same address and shape,
+        # read that copy's first 30 floats (stride 1, not 3): the twin takes over those values
+        base = fnd.lambdas._base if fnd.lambdas._base is not None else fnd.lambdas
+        fnd.lambdas.set_(base.clone().untyped_storage(), 0, (30,), (3,))
+        fnd.step(*stream[1])
+        with glofnd.use_backend("reference"):
+            twin.step(*stream[1])
+        stream = stream[1:]
+        twin.lambdas.copy_(fnd.lambdas.as_strided_((30,), (1,)))
     else:
         fnd = fnd.to(torch.float64)
     for sim, idx in stream[1:]:
