@@ -87,6 +87,7 @@ def group_ids(index: Tensor) -> Tensor:
     (the position of the value's first occurrence in the sorted index). Built from a sort,
     without ``torch.unique``, whose output size is data-dependent (a host sync on
     accelerators)."""
+    index = index.contiguous()  # searchsorted warns about (and copies) strided values
     return torch.searchsorted(torch.sort(index).values, index)
 
 

@@ -358,3 +358,13 @@ def test_large_state_prefetched_up_front_equals_reference_bytes():
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     for k in STATE_KEYS:
         assert torch.equal(out[0][2][k], out[1][2][k]), k
+
+
+def test_group_ids_of_a_strided_index():
+    """A strided index (a column of the multi-process records) groups as a contiguous one,
+    without a warning (pytest turns warnings into errors)."""
+    from glofnd.reference import group_ids
+    records = torch.tensor([[5, 0], [2, 0], [5, 0], [9, 0], [2, 0]])
+    gid = group_ids(records[:, 0])
+    assert gid.tolist() == group_ids(records[:, 0].clone()).tolist()
+    assert gid[0] == gid[2] and gid[1] == gid[4] and len({int(gid[0]), int(gid[1]), int(gid[3])}) == 3
