@@ -76,9 +76,15 @@ def row_counts(sim: Tensor, index: Tensor, valid: Optional[Tensor],
     return _row_counts(sim, index, _valid(sim, valid), lambdas)
 
 
+def _row_lambdas(lambdas: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor:
+    """(R, 1): each row's λ in the similarities' dtype."""
+    lam = lambdas[index]
+    return (lam if lam.dtype == dtype else lam.to(dtype)).unsqueeze(1)
+
+
 def _row_counts(sim: Tensor, index: Tensor, ok: Tensor, lambdas: Tensor
                 ) -> tuple[Tensor, Tensor]:
-    above = ((sim > lambdas[index].to(sim.dtype).unsqueeze(1)) & ok).sum(1)
+    above = ((sim > _row_lambdas(lambdas, index, sim.dtype)) & ok).sum(1)
     return above, ok.sum(1)
 
 
@@ -136,9 +142,12 @@ def mask_rows(sim: Tensor, index: Tensor, valid: Optional[Tensor],
     return _mask_rows(sim, index, _valid(sim, valid), lambdas)
 
 
-def _mask_rows(sim: Tensor, index: Tensor, ok: Tensor, lambdas: Tensor
-               ) -> tuple[Tensor, Tensor]:
-    mask = (sim > lambdas[index].to(sim.dtype).unsqueeze(1)) & ok
+def _mask_rows(sim: Tensor, index: Tensor, ok: Tensor, lambdas: Tensor,
+               nvalid: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``nvalid``: ok's row counts when known (the flags are a subset: kept = valid − flagged)."""
+    mask = (sim > _row_lambdas(lambdas, index, sim.dtype)) & ok
+    if nvalid is not None:
+        return mask, nvalid - mask.sum(1)
     return mask, (ok & ~mask).sum(1)
 
 
@@ -176,11 +185,12 @@ def threshold_step(
     counts of all processes between them.
     """
     ok = _valid(sim, valid)  # built once for both phases
-    if update:
-        above, nvalid = _row_counts(sim, index, ok, lambdas)
-        pooled_update(index, above, nvalid, lambdas, exp_avg, exp_avg_sq, steps, alpha, lr,
-                      beta1, beta2, eps, lo, hi, optimizer, step)
-    return _mask_rows(sim, index, ok, lambdas)
+    if not update:
+        return _mask_rows(sim, index, ok, lambdas)
+    above, nvalid = _row_counts(sim, index, ok, lambdas)
+    pooled_update(index, above, nvalid, lambdas, exp_avg, exp_avg_sq, steps, alpha, lr,
+                  beta1, beta2, eps, lo, hi, optimizer, step)
+    return _mask_rows(sim, index, ok, lambdas, nvalid)
 
 
 def exclusion_valid(sim: Tensor, exclude: Tensor) -> Tensor:
