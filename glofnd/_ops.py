@@ -180,13 +180,9 @@ def _np(t: Optional[Tensor]):
     return None if t is None else t.numpy()
 
 
-def _info_nce_any(sim, positive, own, thr, removed, scale, per_row, ratio):
-    return reference.info_nce(sim, positive, own, thr, removed, scale, per_row, ratio)
-
-
 def _info_nce_cpu(sim, positive, own, thr, removed, scale, per_row, ratio):
     if not _use_c():
-        return _info_nce_any(sim, positive, own, thr, removed, scale, per_row, ratio)
+        return reference.info_nce(sim, positive, own, thr, removed, scale, per_row, ratio)
     loss, lse, kept = _C.info_nce_forward(
         sim.detach().numpy(), positive.numpy(), _np(own), _np(thr), _np(removed),
         float(scale), per_row, ratio, torch.get_num_threads())
@@ -224,7 +220,7 @@ def _info_nce_backward_fake(grad, sim, positive, own, thr, removed, scale, per_r
 
 
 for _name, _any, _cpu, _fake in (
-        ("info_nce", _info_nce_any, _info_nce_cpu, _info_nce_fake),
+        ("info_nce", reference.info_nce, _info_nce_cpu, _info_nce_fake),
         ("info_nce_backward", _info_nce_backward_any, _info_nce_backward_cpu,
          _info_nce_backward_fake)):
     _lib.impl(_name, _any, "CompositeExplicitAutograd")

@@ -392,13 +392,6 @@ class _Detector(nn.Module):
         self._pending.append((prefix, sim.shape[0] * per_row, kept, kept, thr, rows))
         return loss
 
-    def _scale(self, value: float, dtype: torch.dtype) -> Tensor:
-        """A scalar tensor of ``value`` (cached: the same for every step)."""
-        key = (value, dtype)
-        if getattr(self, "_scale_cache", None) is None or self._scale_cache[0] != key:
-            self._scale_cache = (key, torch.tensor(value, dtype=dtype))
-        return self._scale_cache[1]
-
     def _kept(self, prefix: str, valid: Tensor, per_row: int, removed: Optional[Tensor],
               flagged: Optional[Tensor], thr: Optional[Tensor], truth: Optional[Tensor],
               ratio_dtype: Optional[torch.dtype] = None
@@ -633,10 +626,9 @@ class GloFNDLoss(_Detector):
             lab = None if labels is None else torch.cat([labels, labels])
             col_lab = None if labels is None else torch.cat([all_labels, all_labels])
             self._start_stats(self.masking)
-            c = 1.0 / self.temperature
-            per_row = self._fused("", self.fnd, sim, ids, own, positive, 2 * total - 2,
-                                  self._scale(c, sim.dtype), self.u, 2, lab, col_lab,
-                                  self._inv_temperature[sim.dtype])
+            scale, c = self._inv_temperature[sim.dtype]
+            per_row = self._fused("", self.fnd, sim, ids, own, positive, 2 * total - 2, scale,
+                                  self.u, 2, lab, col_lab, c)
             return per_row.mean()
         col = torch.arange(2 * total, device=sim.device).unsqueeze(0)
         valid = (col != own.unsqueeze(1)) & (col != positive.unsqueeze(1))
@@ -666,10 +658,11 @@ class GloFNDLoss(_Detector):
     @temperature.setter
     def temperature(self, value: float) -> None:
         tau = _check_real("temperature", value, 0.0, math.inf, True, True)
-        # 1/τ as the C kernels take it: the value of the scale tensor of each dtype (the
-        # torch formulas' factor), kept as numbers so that no call reads it from a tensor
-        self._inv_temperature = {dtype: torch.tensor(1.0 / tau, dtype=dtype).item()
-                                 for dtype in (torch.float32, torch.float64)}
+        # 1/τ for the fused kernels, per dtype: the scale tensor (for the gradient) and its value
+        # as a number (for the kernels), so that no call reads it from a tensor
+        scales = {dtype: torch.tensor(1.0 / tau, dtype=dtype)
+                  for dtype in (torch.float32, torch.float64)}
+        self._inv_temperature = {dtype: (t, t.item()) for dtype, t in scales.items()}
         self._temperature = tau
 
     def extra_repr(self) -> str:

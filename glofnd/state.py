@@ -22,20 +22,15 @@ _BIAS_CORRECTION = ("sample", "epoch")
 _SHAPE = operator.attrgetter("shape")
 
 
-def _interleaved(size: int, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Zeroed state of ``size`` samples: λ_i and its two moments as the columns of one (size, 3)
-    float32 block, so that a step over a large data set touches about two cache lines per
-    sample (these 12 bytes and the count) instead of four (docs/benchmarks.md, section d);
+def _interleaved(size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Zeroed CPU state of ``size`` samples: λ_i and its two moments as the columns of one
+    (size, 3) float32 block, so that a step over a large data set touches about two cache lines
+    per sample (these 12 bytes and the count) instead of four (docs/benchmarks.md, section d);
     ``steps`` a separate int32 vector (torch.compile cannot trace in-place updates of views of
-    one storage with different dtypes)."""
-    if device is None or torch.device(device).type == "cpu":
-        # NumPy's allocator asks the kernel for transparent huge pages on large blocks (torch's
-        # does not): at N = 10^7 that saves a TLB miss per state access
-        block = torch.from_numpy(np.zeros((size, 3), dtype=np.float32))
-        steps = torch.from_numpy(np.zeros(size, dtype=np.int32))
-    else:
-        block = torch.zeros(size, 3, dtype=torch.float32, device=device)
-        steps = torch.zeros(size, dtype=torch.int32, device=device)
+    one storage with different dtypes). NumPy's allocator asks the kernel for transparent huge
+    pages on large blocks (torch's does not): at N = 10^7 that saves a TLB miss per access."""
+    block = torch.from_numpy(np.zeros((size, 3), dtype=np.float32))
+    steps = torch.from_numpy(np.zeros(size, dtype=np.int32))
     return block[:, 0], block[:, 1], block[:, 2], steps
 
 
