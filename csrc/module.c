@@ -17,16 +17,24 @@
 
 #include "glofnd.h"
 
-/* Borrowed array check for the in-place state: never converted, so updates cannot be lost. */
-static int check_state_array(PyObject *obj, const char *name, int typenum, const char *tname,
-                             npy_intp n)
+/* obj as an ndarray (borrowed), or NULL with a TypeError naming the argument. */
+static PyArrayObject *ndarray_arg(PyObject *obj, const char *name)
 {
     if (!PyArray_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name,
                      Py_TYPE(obj)->tp_name);
-        return -1;
+        return NULL;
     }
-    PyArrayObject *a = (PyArrayObject *)obj;
+    return (PyArrayObject *)obj;
+}
+
+/* Borrowed array check for the in-place state: never converted, so updates cannot be lost. */
+static int check_state_array(PyObject *obj, const char *name, int typenum, const char *tname,
+                             npy_intp n)
+{
+    PyArrayObject *a = ndarray_arg(obj, name);
+    if (a == NULL)
+        return -1;
     if (PyArray_TYPE(a) != typenum) {
         PyErr_Format(PyExc_TypeError, "%s must have dtype %s", name, tname);
         return -1;
@@ -70,10 +78,8 @@ static int element_strides(PyArrayObject *a, int64_t *rs, int64_t *cs)
  * when its strides are not whole elements. */
 static PyArrayObject *as_sim(PyObject *obj)
 {
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "sim must be a numpy.ndarray, got %s", Py_TYPE(obj)->tp_name);
+    if (ndarray_arg(obj, "sim") == NULL)
         return NULL;
-    }
     const int t = PyArray_TYPE((PyArrayObject *)obj);
     if (t != NPY_FLOAT32 && t != NPY_FLOAT64) {
         PyErr_SetString(PyExc_TypeError, "sim must have dtype float32 or float64 (upcast others)");
@@ -267,12 +273,9 @@ static int exact_array(PyObject *obj, const char *name, int typenum, int ndim, n
     *out = NULL;
     if (obj == Py_None && allow_none)
         return 0;
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray, got %s", name,
-                     Py_TYPE(obj)->tp_name);
+    PyArrayObject *a = ndarray_arg(obj, name);
+    if (a == NULL)
         return -1;
-    }
-    PyArrayObject *a = (PyArrayObject *)obj;
     if (PyArray_TYPE(a) != typenum) {
         PyErr_Format(PyExc_TypeError, "%s has the wrong dtype", name);
         return -1;
@@ -441,6 +444,13 @@ static int rows_status(int status)
     return status == GLOFND_OK ? 0 : -1;
 }
 
+/* A new 1-D or 2-D array of the rows' dtype (NULL with the error set). */
+static PyArrayObject *new_rows_array(const glofnd_rows *b, int ndim, int typenum)
+{
+    npy_intp dims[2] = {b->rows, b->cols};
+    return (PyArrayObject *)PyArray_EMPTY(ndim, dims, typenum, 0);
+}
+
 static PyObject *py_info_nce_forward(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -456,10 +466,9 @@ static PyObject *py_info_nce_forward(PyObject *self, PyObject *args)
     if (parse_rows(sim_o, pos_o, own_o, thr_o, rem_o, per_row, ratio, threads, &sim, &b) < 0)
         return NULL;
     const int typenum = PyArray_TYPE(sim);
-    npy_intp dims[1] = {b.rows};
-    PyArrayObject *loss = (PyArrayObject *)PyArray_EMPTY(1, dims, typenum, 0);
-    PyArrayObject *lse = (PyArrayObject *)PyArray_EMPTY(1, dims, typenum, 0);
-    PyArrayObject *kept = (PyArrayObject *)PyArray_EMPTY(1, dims, NPY_INT64, 0);
+    PyArrayObject *loss = new_rows_array(&b, 1, typenum);
+    PyArrayObject *lse = new_rows_array(&b, 1, typenum);
+    PyArrayObject *kept = new_rows_array(&b, 1, NPY_INT64);
     PyObject *result = NULL;
     if (loss != NULL && lse != NULL && kept != NULL) {
         int status;
@@ -501,10 +510,8 @@ static PyObject *py_info_nce_backward(PyObject *self, PyObject *args)
         exact_array(lse_o, "lse", typenum, 1, b.rows, -1, 0, &lse) < 0 ||
         exact_array(kept_o, "kept", NPY_INT64, 1, b.rows, -1, 0, &kept) < 0)
         return NULL;
-    npy_intp dims[2] = {b.rows, b.cols};
-    PyArrayObject *dsim = (PyArrayObject *)PyArray_EMPTY(2, dims, typenum, 0);
-    PyArrayObject *dscale =
-        want_dscale ? (PyArrayObject *)PyArray_EMPTY(1, dims, typenum, 0) : NULL;
+    PyArrayObject *dsim = new_rows_array(&b, 2, typenum);
+    PyArrayObject *dscale = want_dscale ? new_rows_array(&b, 1, typenum) : NULL;
     PyObject *result = NULL;
     if (dsim != NULL && (dscale != NULL || !want_dscale)) {
         int status;
@@ -527,13 +534,6 @@ static PyObject *py_info_nce_backward(PyObject *self, PyObject *args)
     Py_XDECREF(dsim);
     Py_XDECREF(dscale);
     return result;
-}
-
-/* A new 1-D or 2-D array of the rows' dtype (NULL with the error set). */
-static PyArrayObject *new_rows_array(const glofnd_rows *b, int ndim, int typenum)
-{
-    npy_intp dims[2] = {b->rows, b->cols};
-    return (PyArrayObject *)PyArray_EMPTY(ndim, dims, typenum, 0);
 }
 
 static PyObject *py_sogclr_lme(PyObject *self, PyObject *args)
