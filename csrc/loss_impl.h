@@ -73,12 +73,12 @@ ISA_ATTR LOSS_INLINE void FN(span_max)(const T *restrict x, const uint8_t *restr
             }
         }
     }
-    for (; j < n; ++j) {
+    for (const int64_t jt = j; j < n; ++j) { /* the tail in lanes 0.., as loss_vec.h */
         const T v = x[j];
         const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
         const T y = keep ? c * (v - o) : -(T)INFINITY;
-        m[0] = y > m[0] ? y : m[0];
-        k[0] += keep;
+        m[j - jt] = y > m[j - jt] ? y : m[j - jt];
+        k[j - jt] += keep;
     }
     T out = *mx;
     for (int l = 0; l < LOSS_LANES; ++l) {
@@ -105,11 +105,11 @@ ISA_ATTR LOSS_INLINE void FN(span_sum)(const T *restrict x, const uint8_t *restr
             acc[l] += keep ? e : (T)0;
         }
     }
-    for (; j < n; ++j) {
+    for (const int64_t jt = j; j < n; ++j) { /* the tail in lanes 0.., as loss_vec.h */
         const T v = x[j];
         const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
         const T e = EXP_T(c * (v - o) - shift);
-        acc[0] += keep ? e : (T)0;
+        acc[j - jt] += keep ? e : (T)0;
     }
 }
 
@@ -141,12 +141,12 @@ ISA_ATTR LOSS_INLINE void FN(span_grad)(const T *restrict x, const uint8_t *rest
             acc[l] += e * v;
         }
     }
-    for (; j < n; ++j) {
+    for (const int64_t jt = j; j < n; ++j) { /* the tail in lanes 0.., as loss_vec.h */
         const T v = x[j];
         const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
         const T e = keep ? g * EXP_T(c * v - shift) : (T)0;
         out[j] = c * e;
-        acc[0] += e * v;
+        acc[j - jt] += e * v;
     }
 }
 
@@ -169,12 +169,12 @@ ISA_ATTR LOSS_INLINE void FN(span_wsum)(const T *restrict x, const uint8_t *rest
             acc[l] += keep ? e * d : (T)0;
         }
     }
-    for (; j < n; ++j) {
+    for (const int64_t jt = j; j < n; ++j) { /* the tail in lanes 0.., as loss_vec.h */
         const T v = x[j];
         const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
         const T d = v - o;
         const T e = EXP_T(c * d - shift);
-        acc[0] += keep ? e * d : (T)0;
+        acc[j - jt] += keep ? e * d : (T)0;
     }
 }
 
@@ -197,12 +197,12 @@ ISA_ATTR LOSS_INLINE void FN(span_gsum)(const T *restrict x, const uint8_t *rest
             acc[l] += e;
         }
     }
-    for (; j < n; ++j) {
+    for (const int64_t jt = j; j < n; ++j) { /* the tail in lanes 0.., as loss_vec.h */
         const T v = x[j];
         const int keep = LOSS_KEEP(mode, v, thr, mode == 2 ? rem[j] : 0);
         const T e = keep ? g * EXP_T(c * (v - o) - shift) : (T)0;
         out[j] = e;
-        acc[0] += e;
+        acc[j - jt] += e;
     }
 }
 
@@ -248,11 +248,11 @@ ISA_ATTR LOSS_INLINE void FN(span_sumc)(const T *restrict x, int64_t n, T thr, T
             k += keep;
         }
     }
-    for (; j < n; ++j) {
+    for (const int64_t jt = j; j < n; ++j) { /* the tail in lanes 0.., as loss_vec.h */
         const T v = x[j];
         const int keep = LOSS_KEEP(1, v, thr, 0);
         const T e = EXP_T(c * (v - o) - shift);
-        acc[0] += keep ? e : (T)0;
+        acc[j - jt] += keep ? e : (T)0;
         k += keep;
     }
     *cnt += k;

@@ -1,10 +1,15 @@
-/* float32 span loops of the fused InfoNCE in GCC/Clang vector extensions: 16 lanes, lowered to
- * whatever the instruction set of the including function offers (4 SSE, 2 AVX2 or 1 AVX-512
- * registers). The lanes are explicit, so every instruction set does the same operations in the
- * same order and gives the same bytes. Included by loss_impl.h for T = float, with FN, ISA_ATTR
- * and LOSS_INLINE defined; the scalar loops of loss_impl.h finish the tails. */
+/* float32 span loops of the fused InfoNCE in GCC/Clang vector extensions: 16 lanes, one AVX-512
+ * register (loss.c includes them for its AVX-512 kernels only). The lanes are explicit, so
+ * these loops do the same operations in the same order as the scalar loops of loss_impl.h and
+ * give the same bytes. A span's last n < 16 entries go through the same vector code, in lanes
+ * 0..n-1 (where the scalar loops add them too), read and written with masked loads and
+ * stores, which touch nothing past the span: a row splits into up to three spans at its
+ * excluded columns, so these partial blocks are two or three per row, and done one entry at a
+ * time they took about a third of the kernels' time at M = 256-512 columns. Included by
+ * loss_impl.h for T = float, with FN, ISA_ATTR and LOSS_INLINE defined. */
 #ifndef GLOFND_LOSS_VEC_TYPES
 #define GLOFND_LOSS_VEC_TYPES
+#include <immintrin.h>
 #define VL 16
 typedef float vf_t __attribute__((vector_size(4 * VL)));
 typedef int32_t vi_t __attribute__((vector_size(4 * VL)));
@@ -13,6 +18,10 @@ typedef uint8_t vb_t __attribute__((vector_size(VL)));
 #define VSPLAT(x) ((vf_t){0} + (float)(x))
 /* where(m, a, b) lane by lane, m all ones or all zeros */
 #define VSEL(m, a, b) ((vf_t)(((vi_t)(a) & (m)) | ((vi_t)(b) & ~(m))))
+/* all ones in the lanes below n, 0 <= n <= 16 */
+#define VLIVE(n) ((vi_t){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} < (int32_t)(n))
+/* the AVX-512 lane mask of the lanes below n, 0 <= n < 16 */
+#define VMASK(n) ((__mmask16)((1u << (n)) - 1u))
 #endif
 
 /* exp_f32 of loss.c lane by lane: the same LOSS_EXP_CORE, so the same bytes. */
@@ -50,7 +59,31 @@ ISA_ATTR LOSS_INLINE vf_t FN(vload)(const float *x)
     return v;
 }
 
-/* span_max over whole blocks of 16: returns the entries done. */
+/* x[0..n), n < 16, in the low lanes and zeros above, read through a masked load. */
+ISA_ATTR LOSS_INLINE vf_t FN(vload_n)(const float *x, int64_t n)
+{
+    return (vf_t)_mm512_maskz_loadu_ps(VMASK(n), x);
+}
+
+/* The low n < 16 lanes of v to out[0..n), through a masked store. */
+ISA_ATTR LOSS_INLINE void FN(vstore_n)(float *out, vf_t v, int64_t n)
+{
+    _mm512_mask_storeu_ps(out, VMASK(n), (__m512)v);
+}
+
+/* vflag of a partial block of n < 16 entries: the removed bytes through a masked load. */
+ISA_ATTR LOSS_INLINE vi_t FN(vflag_n)(vf_t v, const uint8_t *rem, int64_t n, int mode, float thr)
+{
+    if (mode == 2) {
+        const __m128i raw = _mm_maskz_loadu_epi8(VMASK(n), rem);
+        vb_t b;
+        memcpy(&b, &raw, sizeof b);
+        return __builtin_convertvector(b, vi_t) != 0;
+    }
+    return FN(vflag)(v, rem, mode, thr);
+}
+
+/* span_max in blocks of 16, the last one partial: returns the entries done (all). */
 ISA_ATTR LOSS_INLINE int64_t FN(vspan_max)(const float *restrict x, const uint8_t *restrict rem,
                                            int64_t n, int mode, float thr, float c, float o,
                                            float *restrict mx, int64_t *cnt)
@@ -70,6 +103,15 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_max)(const float *restrict x, const uint8_
             k = (vi_t){0};
         }
     }
+    if (j < n) { /* the last n - j entries; the lanes above are not there, as if removed */
+        const vf_t v = FN(vload_n)(x + j, n - j);
+        const vi_t f = FN(vflag_n)(v, rem + (mode == 2 ? j : 0), n - j, mode, thr) |
+                       ~VLIVE(n - j);
+        const vf_t y = VSEL(f, VSPLAT(-INFINITY), c * (v - o));
+        m = VSEL(y > m, y, m);
+        k += 1 + f;
+        j = n;
+    }
     float out = *mx;
     for (int l = 0; l < VL; ++l) {
         out = m[l] > out ? m[l] : out;
@@ -79,7 +121,7 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_max)(const float *restrict x, const uint8_
     return j;
 }
 
-/* span_sum over whole blocks of 16, into the lane sums acc. */
+/* span_sum in blocks of 16, the last one partial, into the lane sums acc. */
 ISA_ATTR LOSS_INLINE int64_t FN(vspan_sum)(const float *restrict x, const uint8_t *restrict rem,
                                            int64_t n, int mode, float thr, float c, float o,
                                            float shift,
@@ -93,11 +135,19 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_sum)(const float *restrict x, const uint8_
         const vf_t e = FN(vexp)(c * (v - o) - shift);
         a += VSEL(f, VSPLAT(0.0f), e);
     }
+    if (j < n) { /* the last n - j entries, into lanes 0..n-j-1 (the others keep their sums) */
+        const vi_t live = VLIVE(n - j);
+        const vf_t v = FN(vload_n)(x + j, n - j);
+        const vi_t f = FN(vflag_n)(v, rem + (mode == 2 ? j : 0), n - j, mode, thr);
+        const vf_t e = FN(vexp)(c * (v - o) - shift);
+        a = VSEL(live, a + VSEL(f, VSPLAT(0.0f), e), a);
+        j = n;
+    }
     memcpy(acc, &a, sizeof a);
     return j;
 }
 
-/* span_grad over whole blocks of 16. */
+/* span_grad in blocks of 16, the last one partial. */
 ISA_ATTR LOSS_INLINE int64_t FN(vspan_grad)(const float *restrict x, const uint8_t *restrict rem,
                                             int64_t n, int mode, float thr, float c, float shift,
                                             float g, float *restrict out, float *restrict acc)
@@ -112,12 +162,21 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_grad)(const float *restrict x, const uint8
         memcpy(out + j, &o, sizeof o);
         a += e * v;
     }
+    if (j < n) { /* the last n - j entries, into lanes 0..n-j-1 */
+        const vi_t live = VLIVE(n - j);
+        const vf_t v = FN(vload_n)(x + j, n - j);
+        const vi_t f = FN(vflag_n)(v, rem + (mode == 2 ? j : 0), n - j, mode, thr);
+        const vf_t e = VSEL(f, VSPLAT(0.0f), g * FN(vexp)(c * v - shift));
+        FN(vstore_n)(out + j, c * e, n - j);
+        a = VSEL(live, a + e * v, a);
+        j = n;
+    }
     if (acc != NULL)
         memcpy(acc, &a, sizeof a);
     return j;
 }
 
-/* span_wsum over whole blocks of 16. */
+/* span_wsum in blocks of 16, the last one partial. */
 ISA_ATTR LOSS_INLINE int64_t FN(vspan_wsum)(const float *restrict x, const uint8_t *restrict rem,
                                             int64_t n, int mode, float thr, float c, float o,
                                             float shift, float *restrict acc)
@@ -131,11 +190,20 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_wsum)(const float *restrict x, const uint8
         const vf_t e = FN(vexp)(c * d - shift);
         a += VSEL(f, VSPLAT(0.0f), e * d);
     }
+    if (j < n) { /* the last n - j entries, into lanes 0..n-j-1 */
+        const vi_t live = VLIVE(n - j);
+        const vf_t v = FN(vload_n)(x + j, n - j);
+        const vi_t f = FN(vflag_n)(v, rem + (mode == 2 ? j : 0), n - j, mode, thr);
+        const vf_t d = v - o;
+        const vf_t e = FN(vexp)(c * d - shift);
+        a = VSEL(live, a + VSEL(f, VSPLAT(0.0f), e * d), a);
+        j = n;
+    }
     memcpy(acc, &a, sizeof a);
     return j;
 }
 
-/* span_gsum over whole blocks of 16. */
+/* span_gsum in blocks of 16, the last one partial. */
 ISA_ATTR LOSS_INLINE int64_t FN(vspan_gsum)(const float *restrict x, const uint8_t *restrict rem,
                                             int64_t n, int mode, float thr, float c, float o,
                                             float shift, float g, float *restrict out,
@@ -150,13 +218,22 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_gsum)(const float *restrict x, const uint8
         memcpy(out + j, &e, sizeof e);
         a += e;
     }
+    if (j < n) { /* the last n - j entries, into lanes 0..n-j-1 */
+        const vi_t live = VLIVE(n - j);
+        const vf_t v = FN(vload_n)(x + j, n - j);
+        const vi_t f = FN(vflag_n)(v, rem + (mode == 2 ? j : 0), n - j, mode, thr);
+        const vf_t e = VSEL(f, VSPLAT(0.0f), g * FN(vexp)(c * (v - o) - shift));
+        FN(vstore_n)(out + j, e, n - j);
+        a = VSEL(live, a + e, a);
+        j = n;
+    }
     memcpy(acc, &a, sizeof a);
     return j;
 }
 
-/* span_pass1 over whole blocks of 16. Non-finite entries are rare: the loop only notes whether
- * one occurred (x - x is NaN exactly for them) and counts x > lam; when one did, the counts of
- * the blocks are redone exactly by the scalar loop (the max is right either way). */
+/* span_pass1 in blocks of 16, the last one partial. Non-finite entries are rare: the loop only
+ * notes whether one occurred (x - x is NaN exactly for them) and counts x > lam; when one did,
+ * the counts of the span are redone exactly by a scalar loop (the max is right either way). */
 ISA_ATTR LOSS_INLINE int64_t FN(vspan_pass1)(const float *restrict x, int64_t n, float c, float o,
                                              float lam, float *mx, int64_t *above, int64_t *nfin)
 {
@@ -174,6 +251,15 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_pass1)(const float *restrict x, int64_t n,
                 a_total += a[l];
             a = (vi_t){0};
         }
+    }
+    if (j < n) { /* the last n - j entries (zeros in the lanes above: finite, not counted) */
+        const vi_t live = VLIVE(n - j);
+        const vf_t v = FN(vload_n)(x + j, n - j);
+        const vf_t y = c * (v - o);
+        m = VSEL(live & (y > m), y, m);
+        a -= live & (v > lam);
+        z += v - v;
+        j = n;
     }
     float out = *mx, zs = 0.0f;
     for (int l = 0; l < VL; ++l) {
@@ -194,7 +280,7 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_pass1)(const float *restrict x, int64_t n,
     return j;
 }
 
-/* span_sumc over whole blocks of 16. */
+/* span_sumc in blocks of 16, the last one partial. */
 ISA_ATTR LOSS_INLINE int64_t FN(vspan_sumc)(const float *restrict x, int64_t n, float thr, float c,
                                             float o, float shift, float *restrict acc,
                                             int64_t *cnt)
@@ -213,6 +299,15 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_sumc)(const float *restrict x, int64_t n, 
                 *cnt += k[l];
             k = (vi_t){0};
         }
+    }
+    if (j < n) { /* the last n - j entries, into lanes 0..n-j-1 */
+        const vi_t live = VLIVE(n - j);
+        const vf_t v = FN(vload_n)(x + j, n - j);
+        const vi_t f = ((v > thr) & (v != (float)INFINITY)) | ~live;
+        const vf_t e = FN(vexp)(c * (v - o) - shift);
+        a = VSEL(live, a + VSEL(f, VSPLAT(0.0f), e), a);
+        k += 1 + f;
+        j = n;
     }
     for (int l = 0; l < VL; ++l)
         *cnt += k[l];

@@ -111,17 +111,24 @@ def test_float32_gradients_match_float64():
 
 @needs_c
 @pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
-def test_same_bytes_for_every_thread_count_and_instruction_set(isa):
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("unimodal", [True, False])
+def test_same_bytes_for_every_thread_count_and_instruction_set(isa, mode, unimodal):
+    """Every kernel (InfoNCE, SogCLR, the fused forward) gives the same bytes on every
+    instruction set and thread count. The base and AVX2 kernels run the scalar 16-lane loops,
+    the AVX-512 ones the vector loops, whose spans end in partial blocks (333 columns split at
+    one or two random excluded columns): their lanes must match entry for entry."""
     if isa != "base" and isa != _ops._C.isa() and not _isa_available(isa):
         pytest.skip(f"{isa} not available")
-    sim, positive, own, _, removed = case(300, 333, "removed", 9)
-    grad = torch.rand(300)
-    ref = _run(sim, positive, own, removed, grad, None, 1)
+    sim, positive, own, thr, removed = case(300, 333, mode, 9, unimodal=unimodal)
+    grad = torch.rand(300, generator=torch.Generator().manual_seed(1))
+    ref = _run(sim, positive, own, thr, removed, grad, None, 1)
     try:
         for threads in (1, 2, 4):
-            got = _run(sim, positive, own, removed, grad, isa, threads)
-            for a, b in zip(got, ref):
-                assert torch.equal(a, b)
+            got = _run(sim, positive, own, thr, removed, grad, isa, threads)
+            assert got.keys() == ref.keys()
+            for key in ref:
+                assert torch.equal(got[key], ref[key]), key
     finally:
         _ops._C.set_isa(None)
 
@@ -136,16 +143,40 @@ def _isa_available(isa):
         _ops._C.set_isa(None)
 
 
-def _run(sim, positive, own, removed, grad, isa, threads):
+def _run(sim, positive, own, thr, removed, grad, isa, threads):
+    """The outputs of every kernel family on one case, by name (the fused forward only where
+    nothing is given to remove: it makes its own thresholds)."""
     if isa is not None:
         _ops._C.set_isa(isa)
-    n = sim.numpy()
-    loss, lse, kept = _ops._C.info_nce_forward(n, positive.numpy(), own.numpy(), None,
-                                               removed.numpy(), 3.0, 331, True, threads)
-    dsim, dscale = _ops._C.info_nce_backward(grad.numpy(), n, positive.numpy(), own.numpy(),
-                                             None, removed.numpy(), 3.0, 331, True, lse, kept,
-                                             True, threads)
-    return [torch.from_numpy(x) for x in (loss, lse, kept, dsim, dscale)]
+    n, pos, g = sim.numpy(), positive.numpy(), grad.numpy()
+    own_, thr_, rem_ = (None if t is None else t.numpy() for t in (own, thr, removed))
+    per_row = sim.shape[1] - (2 if own is not None else 1)
+    out = {}
+    loss, lse, kept = _ops._C.info_nce_forward(n, pos, own_, thr_, rem_, 3.0, per_row, True,
+                                               threads)
+    dsim, dscale = _ops._C.info_nce_backward(g, n, pos, own_, thr_, rem_, 3.0, per_row, True,
+                                             lse, kept, True, threads)
+    out.update(loss=loss, lse=lse, kept=kept, dsim=dsim, dscale=dscale)
+    for shift in (True, False):
+        lme, kept = _ops._C.sogclr_lme(n, pos, own_, thr_, rem_, 3.0, shift, threads)
+        log_u = np.nan_to_num(lme, neginf=0.0) + np.float32(0.25)
+        fwd = _ops._C.sogclr_forward(n, pos, own_, thr_, rem_, 3.0, shift, not shift, log_u,
+                                     kept, threads)
+        bwd = _ops._C.sogclr_backward(g, n, pos, own_, thr_, rem_, 3.0, shift, not shift,
+                                      log_u, kept, threads)
+        out.update({f"lme{shift}": lme, f"kept{shift}": kept, f"sog{shift}": fwd,
+                    f"dsog{shift}": bwd})
+    if thr is None and removed is None:
+        index = torch.randint(0, 50, (sim.shape[0],),
+                              generator=torch.Generator().manual_seed(2)).numpy()
+        for kind in (0, 1, 2):
+            st = random_state(50, 3)
+            res = _ops._C.fused_forward(n, pos, own_, index, *(t.numpy() for t in st.values()),
+                                        3.0, kind, per_row, True, 0.3, 0.05, 0.9, 0.98, 1e-8,
+                                        -1.0, 1.0, 0, 0, True, threads)
+            out.update({f"fused{kind}_{i}": x for i, x in enumerate(res) if x is not None})
+            out.update({f"state{kind}_{k}": v for k, v in st.items()})
+    return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in out.items()}
 
 
 @needs_c
