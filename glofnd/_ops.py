@@ -485,12 +485,6 @@ def call_threshold_step(*args, views=None):
     return _call(threshold_step, _threshold_step_cpu, 7, *args, views=views)
 
 
-def call_fused_forward(*args, views=None):
-    """:data:`fused_forward` through :func:`_call`; ``views`` as :func:`_fused_forward_cpu`
-    takes them."""
-    return _call(fused_forward, _fused_forward_cpu, 8, *args, views=views)
-
-
 def call_sogclr_lme(*args):
     """:data:`sogclr_lme` through :func:`_call`."""
     return _call(sogclr_lme, _sogclr_lme_cpu, 5, *args)

@@ -108,6 +108,18 @@ def gathered_step(fnd: GloFND, sim: Tensor, index: Tensor, valid: Optional[Tenso
     return mask, lam[inv]
 
 
+def _count(n_valid: int, x) -> Optional[int]:
+    """A diagnostics count as an int: ``x`` is None, a count (0-d), the kept entries per row
+    ((R,): the count is the valid entries less their sum), or a tuple of those (the blocks of
+    one call, e.g. CLIP's two directions, together ``n_valid`` valid entries)."""
+    if x is None:
+        return None
+    parts = x if isinstance(x, tuple) else (x,)
+    if parts[0].dim() == 0:
+        return sum(int(p) for p in parts)
+    return int(n_valid) - sum(int(p.sum()) for p in parts)
+
+
 class _Detector(nn.Module):
     """Shared machinery: method, schedule, state placement, diagnostics."""
 
@@ -235,8 +247,7 @@ class _Detector(nn.Module):
             # exact integers, then one correctly rounded division: the bytes of the float64
             # tensor division it replaces
             n = max(int(n_valid), 1)
-            n_removed, n_flagged = (x if x is None or x.dim() == 0 else int(n_valid) - int(x.sum())
-                                    for x in (n_removed, n_flagged))
+            n_removed, n_flagged = (_count(n_valid, x) for x in (n_removed, n_flagged))
             stats[prefix + "removed"] = 0.0 if n_removed is None else int(n_removed) / n
             stats[prefix + "flagged"] = 0.0 if n_flagged is None else int(n_flagged) / n
             if thr is not None:
@@ -324,7 +335,8 @@ class _Detector(nn.Module):
                 memo.append(reference.exclusion_valid(sim, exclude))
             return memo[0]
 
-        if method in ("glofnd", "single") and mask_on and fnd.lambdas.device == sim.device \
+        if method in ("glofnd", "single") and mask_on \
+                and fnd._buffers["lambdas"].device == sim.device \
                 and not (fnd.distributed is not None and D.multi_process(fnd.process_group)):
             # the update rides on the loss's own pass over sim
             update = self.training and self.epoch >= self.start_update
@@ -341,7 +353,7 @@ class _Detector(nn.Module):
             loss, kept = _ops.info_nce_loss(sim, scale, positive, own, None, removed, per_row,
                                             applied)
         else:
-            c = float(scale.detach()) if scale_value is None else scale_value
+            c = scale.item() if scale_value is None else scale_value
             shift = own is None
             log_g, kept = _ops.call_sogclr_lme(sim.detach(), positive, own, None, removed, c,
                                                shift)
@@ -371,7 +383,7 @@ class _Detector(nn.Module):
         or SogCLR's own backward. With labels, the flags (finite valid entries above the new λ,
         the threshold step's mask) are made for the precision/recall diagnostics only."""
         detached = sim.detach()
-        c = float(scale.detach()) if scale_value is None else scale_value
+        c = scale.item() if scale_value is None else scale_value
         if u is None:
             loss, lse, kept, thr = fnd._fused_forward(detached, ids, positive, own, c, 0,
                                                       per_row, update)
@@ -817,13 +829,9 @@ class GloFNDClipLoss(_Detector):
         per-row score counts are concatenated (the same rows, in the same order, as the two masks
         concatenated)."""
         (_, v0, r0, f0, _, s0), (_, v1, r1, f1, _, s1) = self._pending[-2:]
-
-        def join(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
-            if a is None:
-                return None
-            return a + b if a.dim() == 0 else torch.cat([a, b])  # counts, or kept per row
-        removed = join(r0, r1)
-        flagged = removed if f0 is r0 and f1 is r1 else join(f0, f1)
+        # both parts as they are: last_stats adds them up when it is read
+        removed = None if r0 is None else (r0, r1)
+        flagged = removed if f0 is r0 and f1 is r1 else None if f0 is None else (f0, f1)
         self._pending.append(("", v0 + v1, removed, flagged, None,
                               None if s0 is None else tuple(torch.cat(x) for x in zip(s0, s1))))
 

@@ -265,7 +265,9 @@ class GloFND(nn.Module):
         if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
             return _ops.fused_forward(*args)
         with self._lock:
-            return _ops.call_fused_forward(*args, views=views)
+            if views is not None and _ops._direct(sim, positive, own, index):
+                return _ops._fused_forward_cpu(*args, views=views)  # eager: the kernel itself
+            return _ops.fused_forward(*args)
 
     def _multi_process(self) -> bool:
         if self.distributed is None:

@@ -182,6 +182,14 @@ def test_clip_matches_formula(method, backend):
         rem_t = expected_removed(clip, s.T, valid, index, labels, clip.fnd_text)
         torch.testing.assert_close(value, ref_clip(img, txt, SCALE, rem_i, rem_t),
                                    rtol=1e-10, atol=1e-12)
+        # both directions as one block of 2B rows, and each on its own
+        stats = clip.last_stats
+        for key, rem in (("removed", rem_i.sum() + rem_t.sum()), ("image_removed", rem_i.sum()),
+                         ("text_removed", rem_t.sum())):
+            n = valid.sum() * (2 if key == "removed" else 1)
+            assert stats[key] == pytest.approx(rem.item() / n.item(), rel=1e-12), key
+    if method in ("glofnd", "single"):
+        assert clip.last_stats["removed"] > 0  # the masked branch was exercised
     if method == "glofnd":
         # image→text feeds λ^img, text→image feeds λ^txt: two different states (a single λ
         # pools all entries of s and of s.T alike, so its two copies agree)
