@@ -491,29 +491,33 @@ def call_sogclr_lme(*args):
 
 
 class InfoNCE(torch.autograd.Function):
-    """:data:`info_nce` with its gradient in ``sim`` and ``scale``, for the losses; with
-    ``loss, lse, kept`` given (from :data:`fused_forward`), the forward only attaches the
-    gradient. Same values and gradients as the op (``info_nce``/``info_nce_attach``), without the
-    per-call cost of the dispatcher and of torch.library's autograd wrapper in eager mode."""
+    """:data:`info_nce` with its gradient in ``sim`` and ``scale``, for the losses. With
+    ``fused`` (a function that runs :data:`fused_forward` and returns ``(loss, lse, kept,
+    thr)``), the forward is that call, which makes the rows' thresholds ``thr`` along. Returns
+    ``(loss, kept, thr)``. Same values and gradients as the op (``info_nce``/
+    ``info_nce_attach``), without the per-call cost of the dispatcher and of torch.library's
+    autograd wrapper in eager mode, and without a copy of the fused forward's loss."""
 
     @staticmethod
-    def forward(ctx, sim, scale, positive, own, thr, removed, per_row, ratio, loss=None,
-                lse=None, kept=None):
-        if loss is None:
+    def forward(ctx, sim, scale, positive, own, thr, removed, per_row, ratio, fused=None):
+        if fused is None:
             loss, lse, kept = _call(info_nce, _info_nce_cpu, 6, sim.detach(), positive, own,
                                     thr, removed, scale.detach(), per_row, ratio)
         else:
-            loss = loss.clone()
+            loss, lse, kept, thr = fused()
         ctx.save_for_backward(sim, positive, own, thr, removed, scale, lse, kept)
         ctx.per_row, ctx.ratio = per_row, ratio
-        ctx.mark_non_differentiable(kept)
-        return loss, kept
+        if fused is None:
+            ctx.mark_non_differentiable(kept)
+            return loss, kept, None
+        ctx.mark_non_differentiable(kept, thr)
+        return loss, kept, thr
 
     @staticmethod
-    def backward(ctx, grad, _):
+    def backward(ctx, grad, _kept, _thr):
         dsim, dscale = _info_nce_grads(grad, ctx.saved_tensors, ctx.per_row, ctx.ratio,
                                        ctx.needs_input_grad[1])
-        return dsim, dscale, None, None, None, None, None, None, None, None, None
+        return dsim, dscale, None, None, None, None, None, None, None
 
 
 class SogCLR(torch.autograd.Function):
@@ -535,18 +539,18 @@ class SogCLR(torch.autograd.Function):
         return dsim, None, None, None, None, None, None, None, None, None
 
 
-def info_nce_loss(sim, scale, positive, own, thr, removed, per_row, ratio, loss=None, lse=None,
-                  kept=None):
-    """The losses' InfoNCE: ``(loss, kept)`` with the gradient; :class:`InfoNCE` in eager mode,
-    the custom ops (:data:`info_nce`, :data:`info_nce_attach`) when traced by torch.compile."""
+def info_nce_loss(sim, scale, positive, own, thr, removed, per_row, ratio, fused=None):
+    """The losses' InfoNCE: ``(loss, kept, thr)`` with the gradient, ``thr`` the thresholds
+    ``fused`` made (see :class:`InfoNCE`; None without it); :class:`InfoNCE` in eager mode, the
+    custom ops (:data:`info_nce`, :data:`info_nce_attach`) when traced by torch.compile."""
     if not torch.compiler.is_compiling():
-        return InfoNCE.apply(sim, scale, positive, own, thr, removed, per_row, ratio, loss, lse,
-                             kept)
-    if loss is None:
+        return InfoNCE.apply(sim, scale, positive, own, thr, removed, per_row, ratio, fused)
+    if fused is None:
         loss, _, kept = info_nce(sim, positive, own, thr, removed, scale, per_row, ratio)
-        return loss, kept
+        return loss, kept, None
+    loss, lse, kept, thr = fused()
     return info_nce_attach(sim, positive, own, thr, removed, scale, per_row, ratio, loss, lse,
-                           kept), kept
+                           kept), kept, thr
 
 
 def sogclr_loss(sim, positive, own, thr, removed, scale, shift, pos_term, log_u, kept):

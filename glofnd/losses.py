@@ -350,8 +350,8 @@ class _Detector(nn.Module):
                                                  col_labels)
         applied = removed is not None
         if u is None:
-            loss, kept = _ops.info_nce_loss(sim, scale, positive, own, None, removed, per_row,
-                                            applied)
+            loss, kept, _ = _ops.info_nce_loss(sim, scale, positive, own, None, removed,
+                                               per_row, applied)
         else:
             c = scale.item() if scale_value is None else scale_value
             shift = own is None
@@ -385,10 +385,10 @@ class _Detector(nn.Module):
         detached = sim.detach()
         c = scale.item() if scale_value is None else scale_value
         if u is None:
-            loss, lse, kept, thr = fnd._fused_forward(detached, ids, positive, own, c, 0,
-                                                      per_row, update)
-            loss, _ = _ops.info_nce_loss(sim, scale, positive, own, thr, None, per_row, True,
-                                         loss, lse, kept)
+            def fused():
+                return fnd._fused_forward(detached, ids, positive, own, c, 0, per_row, update)
+            loss, kept, thr = _ops.info_nce_loss(sim, scale, positive, own, None, None, per_row,
+                                                 True, fused)
         else:
             shift = own is None
             log_g, _, kept, thr = fnd._fused_forward(detached, ids, positive, own, c,

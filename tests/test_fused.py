@@ -416,7 +416,7 @@ def test_eager_functions_equal_the_ops():
         s = sim.clone().requires_grad_()
         c = torch.tensor(5.0, requires_grad=True)
         with mode if mode is not None else contextlib.nullcontext():
-            loss, kept = _ops.info_nce_loss(s, c, positive, own, thr, None, 28, True)
+            loss, kept, _ = _ops.info_nce_loss(s, c, positive, own, thr, None, 28, True)
             lme, k2 = _ops.call_sogclr_lme(sim, positive, own, thr, None, 5.0, False)
             sog = _ops.sogclr_loss(s, positive, own, thr, None, 5.0, False, True, lme, k2)
             (loss.sum() + sog.sum()).backward()
