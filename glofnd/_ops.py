@@ -479,12 +479,6 @@ info_nce_attach = torch.ops.glofnd.info_nce_attach
 
 # --- the losses' entry points: straight to the CPU kernels when nothing else would run --------
 
-def call_threshold_step(*args, views=None):
-    """:data:`threshold_step` through :func:`_call` (``GloFND.step``); ``views`` as
-    :func:`_threshold_step_cpu` takes them."""
-    return _call(threshold_step, _threshold_step_cpu, 7, *args, views=views)
-
-
 def call_sogclr_lme(*args):
     """:data:`sogclr_lme` through :func:`_call`."""
     return _call(sogclr_lme, _sogclr_lme_cpu, 5, *args)

@@ -248,7 +248,9 @@ class GloFND(nn.Module):
                     _dist.record_write(self, torch.unique(args[1]))
                 return out
         with self._lock:  # one state, one writer: concurrent calls on it are serialised
-            return _ops.call_threshold_step(*args, views=views)
+            if views is not None and _ops._direct(sim, index, valid):
+                return _ops._threshold_step_cpu(*args, views=views)  # eager: the kernel itself
+            return _ops.threshold_step(*args)
 
     def _fused_forward(self, sim: Tensor, index: Tensor, positive: Tensor,
                        own: Optional[Tensor], scale: float, kind: int, per_row: int,

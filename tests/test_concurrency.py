@@ -89,26 +89,29 @@ def test_two_states_in_parallel_equal_serial(backend):
 
 
 class _Probe:
-    """Wraps the custom op: records how many calls run at once and whether the lock is held."""
+    """Wraps the step's kernels (the C one called directly, and the op): records how many calls
+    of either run at once and whether the lock is held."""
 
-    def __init__(self, fnd, op):
-        self.fnd, self.op = fnd, op
+    def __init__(self, fnd):
+        self.fnd = fnd
         self.active = self.max_active = self.calls = 0
         self.unlocked = 0
         self.guard = threading.Lock()
 
-    def __call__(self, *args, **kwargs):
-        with self.guard:
-            self.active += 1
-            self.calls += 1
-            self.max_active = max(self.max_active, self.active)
-            self.unlocked += not self.fnd._lock.locked()
-        try:
-            time.sleep(0.002)  # widen the window in which an unserialised call would overlap
-            return self.op(*args, **kwargs)
-        finally:
+    def wrap(self, op):
+        def call(*args, **kwargs):
             with self.guard:
-                self.active -= 1
+                self.active += 1
+                self.calls += 1
+                self.max_active = max(self.max_active, self.active)
+                self.unlocked += not self.fnd._lock.locked()
+            try:
+                time.sleep(0.002)  # widen the window in which an unserialised call would overlap
+                return op(*args, **kwargs)
+            finally:
+                with self.guard:
+                    self.active -= 1
+        return call
 
 
 def test_one_state_calls_are_serialised(backend, monkeypatch):
@@ -122,8 +125,9 @@ def test_one_state_calls_are_serialised(backend, monkeypatch):
             ref.step(s, i)
 
     fnd = glofnd.GloFND(N, alpha=0.1, lr=0.2)
-    probe = _Probe(fnd, _ops.call_threshold_step)
-    monkeypatch.setattr(state_mod._ops, "call_threshold_step", probe)
+    probe = _Probe(fnd)
+    for name in ("_threshold_step_cpu", "threshold_step"):
+        monkeypatch.setattr(state_mod._ops, name, probe.wrap(getattr(_ops, name)))
     _run_threads([lambda bs=bs: [fnd.step(s, i) for s, i in bs] for bs in batches])
 
     assert probe.calls == 24 and probe.max_active == 1 and probe.unlocked == 0
