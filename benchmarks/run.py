@@ -602,7 +602,11 @@ current λ while taking their maximum, updates λ, and sums the kept exponential
 new λ from L1/L2; the backward compares each entry with its row's λ again. No R x M mask, \
 validity mask or float temporary is made by either variant. What GloFND adds: the counts, the \
 Adam step of the batch's samples, one comparison per entry and pass, and the Python and \
-dispatch of the call (about 15-20 µs per block of rows; CLIP has two).
+dispatch of the call (one block of rows for SimCLR and SogCLR, two for CLIP). Timed on the \
+kernels alone at B = 256 (1 thread, 2026-11-27), the fused forward costs 11 µs more than the \
+plain forward for SimCLR (158 against 147 µs) and 6 µs per CLIP direction (51 against 45), the \
+backward with λ 7 and 2 µs more; the rest of the overhead above is Python, dispatch, and the \
+state's cache lines.
 
 The kernels compute exp with their own vectorised polynomial (Cephes' expf, < 2 ulp) and sum in \
 16 fixed lanes, so their values differ from torch's by float32 rounding (tests: rtol 1e-5 \
@@ -617,13 +621,23 @@ B = 256 and 60233 / 61975 (+2.9%) at B = 1024; sogclr 3959 / 4314 (+9.0%) and 73
 where/logsumexp over the kept mask, whose CPU kernels branch on every element of a scattered \
 mask, and the threshold step wrote the mask for them.
 
+Before the kernels ran each span's last partial block of 16 as a vector (masked loads and \
+stores) and before the CLIP forward and the step lost some Python layers (the full run of \
+2026-11-27 04:53 UTC on commit 5be8be5, 1 thread, CPU time): none / glofnd µs and overhead: \
+simclr 2828 / 2952 (+4.4%) at B = 256 and 41488 / 42371 (+2.1%) at B = 1024; sogclr 3234 / 3333 \
+(+3.1%) and 42821 / 43568 (+1.7%); clip 1236 / 1380 (+11.7%) and 17101 / 17632 (+3.1%). Those \
+partial blocks, two or three per row, were summed one entry at a time with a scalar exp, and \
+took about a third of the kernels' time at these sizes (more in the fused forward, whose scalar \
+first pass also counted).
+
 Run-to-run spread: the large outputs of a step (the gradient of the similarities, 1-16 MiB \
 here) are fresh glibc allocations, which the kernel maps with page faults when glibc has \
 returned the memory of the last step to it; this adds tens of µs to either variant at random \
 and moves the B = 256 overheads by about ±1 point between runs. Told to keep freed memory, \
 which any CPU training loop can do, `MALLOC_MMAP_THRESHOLD_=1000000000 \
 MALLOC_TRIM_THRESHOLD_=4000000000 python benchmarks/run.py --only c --threads 1 --no-write` \
-gave (2026-11-27, same machine, CPU time, none / glofnd µs): simclr 2738 / 2837 (+3.6%) and \
+gave (2026-11-27, same machine, on the code before the partial-block kernels, CPU time, none \
+/ glofnd µs): simclr 2738 / 2837 (+3.6%) and \
 39655 / 40469 (+2.1%), sogclr 3102 / 3183 (+2.6%) and 42805 / 43327 (+1.2%), clip 1163 / \
 1273 (+9.5%) and 16602 / 17091 (+2.9%) at B = 256 and 1024.
 
