@@ -36,8 +36,10 @@ int glofnd_internal_check_state(const int64_t *index, int64_t rows, const glofnd
 void glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above, int64_t nvalid,
                                 const glofnd_params *p);
 
-/* Threads for `entries` similarities in `groups` groups, at most `requested`. */
-int glofnd_internal_threads_for(int requested, int64_t entries, int64_t groups);
+/* Threads for `entries` similarities in `groups` groups: at most `requested`, and each thread
+ * gets at least `min_work` entries. */
+int glofnd_internal_threads_for(int requested, int64_t entries, int64_t min_work,
+                                int64_t groups);
 
 /* The state entries of sample i. */
 #define GLOFND_LAMBDA(st, i) ((st)->lambda[(i) * (st)->lambda_stride])

@@ -299,8 +299,9 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
             return status_;                                                                     \
         if ((p)->update)                                                                        \
             glofnd_internal_prefetch_groups(st, index, &g);                                     \
+        /* the loss's exponentials make an entry dearer than in the threshold step */          \
         const int nt = glofnd_internal_threads_for((b)->num_threads, (b)->rows * (b)->cols,    \
-                                                   g.ngroups);                                  \
+                                                   LOSS_MIN_WORK_PER_THREAD, g.ngroups);        \
         (void)nt;                                                                               \
         LOSS_OMP_FOR_GROUPS                                                                     \
         for (int64_t k = 0; k < g.ngroups; ++k) {                                               \

@@ -173,10 +173,11 @@ static inline void prefetch_span(const void *p, size_t bytes)
 
 /* Threads to use: at most the caller's, one per GLOFND_MIN_WORK_PER_THREAD entries, one per
  * group. The bytes written do not depend on it. */
-int glofnd_internal_threads_for(int requested, int64_t entries, int64_t groups)
+int glofnd_internal_threads_for(int requested, int64_t entries, int64_t min_work,
+                                int64_t groups)
 {
     int64_t nt = requested > 1 ? requested : 1;
-    const int64_t by_work = entries / GLOFND_MIN_WORK_PER_THREAD;
+    const int64_t by_work = entries / min_work;
     if (nt > by_work)
         nt = by_work > 1 ? by_work : 1;
     if (nt > groups)
@@ -393,7 +394,8 @@ static int run_step(group_fn fn, const void *sim, const glofnd_batch *b, glofnd_
     const int64_t ngroups = g.ngroups;
     if (p->update)
         glofnd_internal_prefetch_groups(st, b->index, &g);
-    const int nt = glofnd_internal_threads_for(p->num_threads, b->rows * b->cols, ngroups);
+    const int nt = glofnd_internal_threads_for(p->num_threads, b->rows * b->cols,
+                                                 GLOFND_MIN_WORK_PER_THREAD, ngroups);
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
