@@ -24,6 +24,24 @@ typedef uint8_t vb_t __attribute__((vector_size(VL)));
 #define VMASK(n) ((__mmask16)((1u << (n)) - 1u))
 #endif
 
+/* Reductions over the 16 lanes in a shuffle tree (4 steps, not a chain of 15), for the
+ * results that do not depend on the order: integer counts, the max of lanes that hold no NaN
+ * (a lane starts at -inf and takes y only where y > it), and whether any lane is non-zero. */
+ISA_ATTR LOSS_INLINE int64_t FN(vsum_i)(vi_t k)
+{
+    return (int64_t)_mm512_reduce_add_epi32((__m512i)k);
+}
+
+ISA_ATTR LOSS_INLINE float FN(vmax_f)(vf_t m)
+{
+    return _mm512_reduce_max_ps((__m512)m);
+}
+
+ISA_ATTR LOSS_INLINE int FN(vany_nonzero)(vf_t z)
+{
+    return _mm512_cmp_ps_mask((__m512)z, _mm512_setzero_ps(), _CMP_NEQ_UQ) != 0;
+}
+
 /* exp_f32 of loss.c lane by lane: the same LOSS_EXP_CORE, so the same bytes. */
 ISA_ATTR LOSS_INLINE vf_t FN(vexp)(vf_t x)
 {
@@ -112,12 +130,9 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_max)(const float *restrict x, const uint8_
         k += 1 + f;
         j = n;
     }
-    float out = *mx;
-    for (int l = 0; l < VL; ++l) {
-        out = m[l] > out ? m[l] : out;
-        *cnt += k[l];
-    }
-    *mx = out;
+    const float top = FN(vmax_f)(m);
+    *mx = top > *mx ? top : *mx;
+    *cnt += FN(vsum_i)(k);
     return j;
 }
 
@@ -261,14 +276,10 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_pass1)(const float *restrict x, int64_t n,
         z += v - v;
         j = n;
     }
-    float out = *mx, zs = 0.0f;
-    for (int l = 0; l < VL; ++l) {
-        out = m[l] > out ? m[l] : out;
-        a_total += a[l];
-        zs += z[l];
-    }
-    *mx = out;
-    if (zs == 0.0f) { /* all finite */
+    const float top = FN(vmax_f)(m);
+    *mx = top > *mx ? top : *mx;
+    a_total += FN(vsum_i)(a);
+    if (!FN(vany_nonzero)(z)) { /* all finite: x - x is 0 in every lane */
         *above += a_total;
         *nfin += j;
     } else {
@@ -309,8 +320,7 @@ ISA_ATTR LOSS_INLINE int64_t FN(vspan_sumc)(const float *restrict x, int64_t n, 
         k += 1 + f;
         j = n;
     }
-    for (int l = 0; l < VL; ++l)
-        *cnt += k[l];
+    *cnt += FN(vsum_i)(k);
     memcpy(acc, &a, sizeof a);
     return j;
 }
