@@ -303,7 +303,7 @@ static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
     PyObject *o[11] = {NULL};
     glofnd_params p = {0.01, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, GLOFND_ADAM, 0, 1, 1};
     long long optimizer = p.optimizer, step = 0, update = 1, threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|$OOOOOOOOOOO", kwlist, &sim_o,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|OOOOOOOOOOO", kwlist, &sim_o,
                                      &index_o, &valid_o, &lam_o, &m_o, &v_o, &t_o, &o[0], &o[1],
                                      &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9],
                                      &o[10])) {
@@ -743,7 +743,7 @@ static PyObject *py_set_isa(PyObject *self, PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"step", (PyCFunction)(void (*)(void))py_step, METH_VARARGS | METH_KEYWORDS,
-     "step(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps, *, alpha, lr, beta1, beta2,"
+     "step(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps, alpha, lr, beta1, beta2,"
      " eps, lo, hi, optimizer, step, update, num_threads) -> (mask, kept)\n\n"
      "Fused GloFND threshold step: updates the state in place, returns the false-negative mask\n"
      "(bool, rows x cols) and the kept count of each row (int64)."},

@@ -85,9 +85,7 @@ def _threshold_step_cpu(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
     mask, kept = _C.step(
         sim.detach().numpy(), index.numpy(), None if valid is None else valid.numpy(),
         *_state_views(lambdas, exp_avg, exp_avg_sq, steps, views),
-        alpha=alpha, lr=lr, beta1=beta1, beta2=beta2, eps=eps, lo=lo, hi=hi,
-        optimizer=optimizer, step=step, update=update, num_threads=torch.get_num_threads(),
-    )
+        alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update, torch.get_num_threads())
     # the C kernel wrote through the buffers' memory: tell autograd, as an in-place op would
     torch.autograd.graph.increment_version((lambdas, exp_avg, exp_avg_sq, steps))
     return torch.from_numpy(mask), torch.from_numpy(kept)
