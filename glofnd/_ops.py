@@ -408,12 +408,22 @@ def _fused_forward_cpu(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq, 
         return _fused_forward_any(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq,
                                   steps, scale, kind, per_row, ratio, alpha, lr, beta1, beta2,
                                   eps, lo, hi, optimizer, step, update)
+    state = (lambdas, exp_avg, exp_avg_sq, steps)
+    return fused_forward_c(sim, positive, own, index, state,
+                           _state_views(*state, views), scale, kind, per_row, ratio,
+                           (alpha, lr, beta1, beta2, eps, lo, hi, optimizer), step, update)
+
+
+def fused_forward_c(sim, positive, own, index, state, views, scale, kind, per_row, ratio, hyper,
+                    step, update):
+    """The C kernel of :data:`fused_forward` on CPU tensors, for callers that made the checks of
+    :func:`_direct` and hold NumPy ``views`` of the four ``state`` tensors; ``hyper`` = (alpha,
+    lr, beta1, beta2, eps, lo, hi, optimizer)."""
     out0, out1, kept, thr = _C.fused_forward(
-        sim.numpy(), positive.numpy(), _np(own), index.numpy(),
-        *_state_views(lambdas, exp_avg, exp_avg_sq, steps, views), scale, kind, per_row, ratio,
-        alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step, update, torch.get_num_threads())
-    if update:
-        torch.autograd.graph.increment_version((lambdas, exp_avg, exp_avg_sq, steps))
+        sim.numpy(), positive.numpy(), None if own is None else own.numpy(), index.numpy(),
+        *views, scale, kind, per_row, ratio, *hyper, step, update, torch.get_num_threads())
+    if update:  # the kernel wrote through the buffers' memory: tell autograd
+        torch.autograd.graph.increment_version(state)
     out0 = torch.from_numpy(out0)
     return (out0, out0.new_empty(0) if out1 is None else torch.from_numpy(out1),
             torch.from_numpy(kept), torch.from_numpy(thr))

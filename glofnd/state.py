@@ -259,16 +259,19 @@ class GloFND(nn.Module):
         :meth:`step` (when ``update``; the rows' own column and positive excluded by index, no
         mask made) and the loss's forward in one pass. The arguments are the losses' own, already
         checked; one process only (the losses take :meth:`step` otherwise)."""
-        state, views = self._state_for_kernels()
         step = self.epoch + 1 if self.bias_correction == "epoch" else 0
-        args = (sim, positive, own, index, *state, scale, kind, per_row, True, self.alpha,
-                self.lr, self.betas[0], self.betas[1], self.eps, self.clamp[0], self.clamp[1],
-                _OPTIMIZERS[self.optimizer], step, bool(update))
+        hyper = (self.alpha, self.lr, self.betas[0], self.betas[1], self.eps, self.clamp[0],
+                 self.clamp[1], _OPTIMIZERS[self.optimizer])
+        state, views = self._state_for_kernels()
+        if views is not None and _ops._direct(sim, positive, own, index):
+            with self._lock:  # eager on the CPU: the kernel itself, without the op's layers
+                return _ops.fused_forward_c(sim, positive, own, index, state, views, scale, kind,
+                                            per_row, True, hyper, step, bool(update))
+        args = (sim, positive, own, index, *state, scale, kind, per_row, True, *hyper, step,
+                bool(update))
         if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
             return _ops.fused_forward(*args)
         with self._lock:
-            if views is not None and _ops._direct(sim, positive, own, index):
-                return _ops._fused_forward_cpu(*args, views=views)  # eager: the kernel itself
             return _ops.fused_forward(*args)
 
     def _multi_process(self) -> bool:
