@@ -258,6 +258,23 @@ ISA_ATTR LOSS_INLINE void FN(span_sumc)(const T *restrict x, int64_t n, T thr, T
     *cnt += k;
 }
 
+/* The sum of the 16 lane sums in a fixed tree: lanes l and l + 8, then l and l + 4, then l and
+ * l + 2, then the last two. loss_vec.h's vsum_f adds in the same order (the same bytes) in four
+ * vector steps instead of a chain of 15 dependent additions (about 1 us less per 256 rows). */
+ISA_ATTR LOSS_INLINE T FN(lane_sum)(const T *acc)
+{
+#ifdef LOSS_VECTOR
+    return FN(vsum_f)(acc);
+#else
+    T t[LOSS_LANES / 2];
+    for (int l = 0; l < LOSS_LANES / 2; ++l)
+        t[l] = acc[l] + acc[l + LOSS_LANES / 2];
+    for (int l = 0; l < 4; ++l)
+        t[l] = t[l] + t[l + 4];
+    return (t[0] + t[2]) + (t[1] + t[3]);
+#endif
+}
+
 /* The spans of row r between its excluded columns: up to three [lo, hi) pairs. */
 static inline int FN(spans)(const glofnd_rows *b, int64_t r, int64_t lo[3], int64_t hi[3])
 {
@@ -330,9 +347,7 @@ ISA_ATTR static void FN(fwd_row)(const T *sim, T c, const glofnd_rows *b, int64_
         for (int k = 0; k < ns; ++k)
             LOSS_BY_MODE(mode, FN(span_sum)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
                                             hi[k] - lo[k], MODE, thr, c, (T)0, stab, acc));
-    T sum = 0;
-    for (int l = 0; l < LOSS_LANES; ++l)
-        sum += acc[l];
+    T sum = FN(lane_sum)(acc);
     const T lse = FN(info_nce_lse)(b, pos, mx, sum, cnt);
     loss[r] = lse - pos;
     lse_out[r] = lse;
@@ -368,9 +383,7 @@ ISA_ATTR static void FN(bwd_row)(const T *sim, T c, const glofnd_rows *b, int64_
     const T dp = g * (EXP1_T(c * s[p] - lse[r]) - (T)1);
     out[p] = c * dp;
     if (dscale != NULL) {
-        T sum = 0;
-        for (int l = 0; l < LOSS_LANES; ++l)
-            sum += acc[l];
+        T sum = FN(lane_sum)(acc);
         dscale[r] = sum + dp * s[p];
     }
 }
@@ -406,9 +419,7 @@ ISA_ATTR static void FN(lme_row)(const T *sim, T c, int shift, const glofnd_rows
         for (int k = 0; k < ns; ++k)
             LOSS_BY_MODE(mode, FN(span_sum)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
                                             hi[k] - lo[k], MODE, thr, c, o, stab, acc));
-    T sum = 0;
-    for (int l = 0; l < LOSS_LANES; ++l)
-        sum += acc[l];
+    T sum = FN(lane_sum)(acc);
     out[r] = cnt > 0 ? stab + LOG_T(sum) - LOG_T((T)cnt) : -(T)INFINITY;
     kept[r] = cnt;
 }
@@ -425,9 +436,7 @@ ISA_ATTR static void FN(sog_fwd_row)(const T *sim, T c, int shift, int pos_term,
     for (int k = 0; k < ns; ++k)
         LOSS_BY_MODE(mode, FN(span_wsum)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
                                          hi[k] - lo[k], MODE, thr, c, o, log_u[r], acc));
-    T sum = 0;
-    for (int l = 0; l < LOSS_LANES; ++l)
-        sum += acc[l];
+    T sum = FN(lane_sum)(acc);
     const T m = (T)(kept[r] > 1 ? kept[r] : 1);
     loss[r] = (pos_term ? -s[b->positive[r]] : (T)0) + sum / m;
 }
@@ -451,9 +460,7 @@ ISA_ATTR static void FN(sog_bwd_row)(const T *sim, T c, int shift, int pos_term,
                                          out + lo[k], acc));
     for (int k = 0; k + 1 < ns; ++k)
         out[hi[k]] = 0; /* the excluded columns */
-    T sum = 0;
-    for (int l = 0; l < LOSS_LANES; ++l)
-        sum += acc[l];
+    T sum = FN(lane_sum)(acc);
     out[b->positive[r]] = (pos_term ? -grad[r] : (T)0) - (shift ? sum : (T)0);
 }
 
@@ -502,9 +509,7 @@ ISA_ATTR static void FN(fused_group)(const T *sim, T c, int kind, const glofnd_r
         for (int k = 0; k < ns; ++k)
             FN(span_sumc)(s + lo[k], hi[k] - lo[k], (T)lam1, c, o,
                           mx > -(T)INFINITY ? mx : (T)0, acc, &cnt);
-        T sum = 0;
-        for (int l = 0; l < LOSS_LANES; ++l)
-            sum += acc[l];
+        T sum = FN(lane_sum)(acc);
         if (cnt > 0 && sum < (T)1e-30) { /* underflow: stabilise with the kept max instead */
             int64_t again = 0;
             mx = -(T)INFINITY;
@@ -515,9 +520,7 @@ ISA_ATTR static void FN(fused_group)(const T *sim, T c, int kind, const glofnd_r
             for (int k = 0; k < ns; ++k)
                 FN(span_sum)(s + lo[k], NULL, hi[k] - lo[k], 1, (T)lam1, c, o,
                              mx > -(T)INFINITY ? mx : (T)0, acc);
-            sum = 0;
-            for (int l = 0; l < LOSS_LANES; ++l)
-                sum += acc[l];
+            sum = FN(lane_sum)(acc);
         }
         thr_out[r] = lam1;
         kept[r] = cnt;

@@ -37,6 +37,18 @@ ISA_ATTR LOSS_INLINE float FN(vmax_f)(vf_t m)
     return _mm512_reduce_max_ps((__m512)m);
 }
 
+/* The sum of the 16 floats at acc in loss_impl.h's lane_sum order: lanes l and l + 8, l and
+ * l + 4, l and l + 2, then the last two (each addition is exact to swap, so the bytes match). */
+ISA_ATTR LOSS_INLINE float FN(vsum_f)(const float *acc)
+{
+    const __m512 a = _mm512_loadu_ps(acc);
+    const __m512 s8 = _mm512_add_ps(a, _mm512_shuffle_f32x4(a, a, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 s4 = _mm512_add_ps(s8, _mm512_shuffle_f32x4(s8, s8, _MM_SHUFFLE(1, 1, 1, 1)));
+    const __m128 x = _mm512_castps512_ps128(s4);
+    const __m128 w = _mm_add_ps(x, _mm_permute_ps(x, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(w) + _mm_cvtss_f32(_mm_permute_ps(w, _MM_SHUFFLE(1, 1, 1, 1)));
+}
+
 ISA_ATTR LOSS_INLINE int FN(vany_nonzero)(vf_t z)
 {
     return _mm512_cmp_ps_mask((__m512)z, _mm512_setzero_ps(), _CMP_NEQ_UQ) != 0;
