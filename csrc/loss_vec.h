@@ -26,7 +26,9 @@ typedef uint8_t vb_t __attribute__((vector_size(VL)));
 
 /* Reductions over the 16 lanes in a shuffle tree (4 steps, not a chain of 15), for the
  * results that do not depend on the order: integer counts, the max of lanes that hold no NaN
- * (a lane starts at -inf and takes y only where y > it), and whether any lane is non-zero. */
+ * (a lane starts at -inf and takes y only where y > it; a tie of +0 and -0 may resolve either
+ * way, and the max is only the stabiliser s - max, which is the same for both), and whether
+ * any lane is non-zero. */
 ISA_ATTR LOSS_INLINE int64_t FN(vsum_i)(vi_t k)
 {
     return (int64_t)_mm512_reduce_add_epi32((__m512i)k);
