@@ -603,9 +603,9 @@ new λ from L1/L2; the backward compares each entry with its row's λ again. No 
 validity mask or float temporary is made by either variant. What GloFND adds: the counts, the \
 Adam step of the batch's samples, one comparison per entry and pass, and the Python and \
 dispatch of the call (one block of rows for SimCLR and SogCLR, two for CLIP). Timed on the \
-kernels alone at B = 256 (1 thread, 2026-11-27), the fused forward costs 11 µs more than the \
-plain forward for SimCLR (158 against 147 µs) and 6 µs per CLIP direction (51 against 45), the \
-backward with λ 7 and 2 µs more; the rest of the overhead above is Python, dispatch, and the \
+kernels alone at B = 256 (1 thread, 2026-11-27), the fused forward costs 8 µs more than the \
+plain forward for SimCLR (151 against 143 µs) and 5 µs per CLIP direction (48 against 43), the \
+backward with λ 6 and 4 µs more; the rest of the overhead above is Python, dispatch, and the \
 state's cache lines.
 
 The kernels compute exp with their own vectorised polynomial (Cephes' expf, < 2 ulp) and sum in \
@@ -622,7 +622,8 @@ where/logsumexp over the kept mask, whose CPU kernels branch on every element of
 mask, and the threshold step wrote the mask for them.
 
 Before the kernels ran each span's last partial block of 16 as a vector (masked loads and \
-stores) and before the CLIP forward and the step lost some Python layers (the full run of \
+stores), reduced their lanes in a tree, and before the CLIP forward and the step lost some \
+Python layers (the full run of \
 2026-11-27 04:53 UTC on commit 5be8be5, 1 thread, CPU time): none / glofnd µs and overhead: \
 simclr 2828 / 2952 (+4.4%) at B = 256 and 41488 / 42371 (+2.1%) at B = 1024; sogclr 3234 / 3333 \
 (+3.1%) and 42821 / 43568 (+1.7%); clip 1236 / 1380 (+11.7%) and 17101 / 17632 (+3.1%). Those \
