@@ -509,6 +509,7 @@ class InfoNCE(torch.autograd.Function):
             loss, lse, kept, thr = fused()
         ctx.save_for_backward(sim, positive, own, thr, removed, scale, lse, kept)
         ctx.per_row, ctx.ratio = per_row, ratio
+        ctx.set_materialize_grads(False)  # no zero tensors for kept and thr, which have none
         if fused is None:
             ctx.mark_non_differentiable(kept)
             return loss, kept, None
@@ -517,6 +518,8 @@ class InfoNCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _kept, _thr):
+        if grad is None:
+            return (None,) * 9
         dsim, dscale = _info_nce_grads(grad, ctx.saved_tensors, ctx.per_row, ctx.ratio,
                                        ctx.needs_input_grad[1])
         return dsim, dscale, None, None, None, None, None, None, None

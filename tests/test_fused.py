@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import glofnd
 from glofnd import _ops, reference
 
 from helpers import clone_state, random_state
@@ -177,6 +178,30 @@ def _run(sim, positive, own, thr, removed, grad, isa, threads):
             out.update({f"fused{kind}_{i}": x for i, x in enumerate(res) if x is not None})
             out.update({f"state{kind}_{k}": v for k, v in st.items()})
     return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in out.items()}
+
+
+class _NoGradToFirst(torch.autograd.Function):
+    """x.sum() + y.sum() whose backward gives x no gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, x, y):
+        return x.sum() + y.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g.expand(3)
+
+
+@needs_c
+@pytest.mark.parametrize("method", ["none", "glofnd"])
+def test_backward_without_a_gradient_for_the_loss(method):
+    """The InfoNCE does not materialise zero gradients for its outputs: when what follows gives
+    the loss no gradient (None), its backward gives none either, and the features get none."""
+    loss = glofnd.GloFNDLoss(10, method=method)
+    z0, z1 = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    y = torch.randn(3, requires_grad=True)
+    _NoGradToFirst.apply(loss(z0, z1, torch.arange(4)), y).backward()
+    assert z0.grad is None and z1.grad is None and torch.equal(y.grad, torch.ones(3))
 
 
 @needs_c
