@@ -623,7 +623,8 @@ mask, and the threshold step wrote the mask for them.
 
 Before the kernels ran each span's last partial block of 16 as a vector (masked loads and \
 stores), reduced their lanes in a tree, and before the CLIP forward and the step lost some \
-Python layers (the full run of \
+Python layers and the InfoNCE's backward stopped making zero gradients for its integer outputs \
+(the full run of \
 2026-11-27 04:53 UTC on commit 5be8be5, 1 thread, CPU time): none / glofnd µs and overhead: \
 simclr 2828 / 2952 (+4.4%) at B = 256 and 41488 / 42371 (+2.1%) at B = 1024; sogclr 3234 / 3333 \
 (+3.1%) and 42821 / 43568 (+1.7%); clip 1236 / 1380 (+11.7%) and 17101 / 17632 (+3.1%). Those \
