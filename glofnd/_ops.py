@@ -66,7 +66,7 @@ def _threshold_step_any(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps,
 
 def _state_views(lambdas, exp_avg, exp_avg_sq, steps, views):
     """NumPy views of the four state tensors: ``views`` when the caller kept them for these
-    tensors (:meth:`glofnd.GloFND._state_arrays`), else made now."""
+    tensors (:meth:`glofnd.GloFND._state_for_kernels`), else made now."""
     if views is not None:
         return views
     return lambdas.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), steps.numpy()

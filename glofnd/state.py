@@ -180,7 +180,7 @@ class GloFND(nn.Module):
         self.bias_correction = bias_correction
         self.epoch = 0
         self._lock = threading.Lock()
-        self._arrays = None  # see _state_arrays
+        self._arrays = None  # see _state_for_kernels
         self.distributed = _dist.resolve_mode(distributed)
         self.process_group = process_group
         self.check_overwrite = bool(check_overwrite)
@@ -316,22 +316,18 @@ class GloFND(nn.Module):
         return state
 
     def _state_for_kernels(self) -> tuple[tuple[Tensor, ...], Optional[tuple[np.ndarray, ...]]]:
-        """``(buffers, views)``: the checked buffers, and NumPy views of them where the call
-        will run the C kernels directly (eager, state on the CPU, extension in use), else None
-        (traced code must not read addresses or make arrays)."""
-        lam = self._buffers.get("lambdas")
-        if (isinstance(lam, Tensor) and lam.device.type == "cpu" and _ops._use_c()
-                and not torch.compiler.is_compiling()):
-            return self._state_arrays()
-        return self._check_state(), None
+        """``(buffers, views)``: the checked buffers, and NumPy views of their memory where the
+        call will run the C kernels directly (eager, state on the CPU, extension in use), else
+        None (traced code must not read addresses or make arrays).
 
-    def _state_arrays(self) -> tuple[tuple[Tensor, ...], tuple[np.ndarray, ...]]:
-        """``(buffers, views)``: :meth:`_check_state`'s buffers and NumPy views of their memory,
-        for the direct calls of the C kernels (CPU). Both are kept while the four buffers stay
-        the same objects at the same addresses, shapes and strides, which costs about 1.5 µs per
-        call instead of the checks and four ``Tensor.numpy()`` (about 5 µs); anything that
-        replaces a buffer (``.to()``, ``_apply``, assignment) or its memory or layout (``.data
-        =``, ``set_``, ``resize_``, ``as_strided_``) makes them be built and checked again."""
+        The views are kept between calls while the four buffers stay the same objects at the
+        same addresses, shapes and strides, which costs about 1.5 µs per call instead of the
+        checks and four ``Tensor.numpy()`` (about 5 µs); anything that replaces a buffer
+        (``.to()``, ``_apply``, assignment) or its memory or layout (``.data =``, ``set_``,
+        ``resize_``, ``as_strided_``) makes them be built and checked again. Kept views exist
+        only for CPU buffers, so the device is looked at only when they are (re)built."""
+        if not _ops._use_c() or torch.compiler.is_compiling():
+            return self._check_state(), None
         b = self._buffers
         state = (b.get("lambdas"), b.get("exp_avg"), b.get("exp_avg_sq"), b.get("steps"))
         kept = self._arrays
@@ -341,6 +337,9 @@ class GloFND(nn.Module):
                 and list(map(Tensor.stride, state)) == kept[4]):
             return kept[0], kept[1]
         state = self._check_state()
+        if state[0].device.type != "cpu":
+            self._arrays = None
+            return state, None
         views = tuple(t.numpy() for t in state)
         self._arrays = (state, views, list(map(Tensor.data_ptr, state)),
                         list(map(_SHAPE, state)), list(map(Tensor.stride, state)))
@@ -373,6 +372,7 @@ class GloFND(nn.Module):
             out = fn(t)
             return out if out.dtype == t.dtype else t.to(out.device)
         super()._apply(keep_dtype, recurse)
+        self._arrays = None  # the kept views would keep the old buffers' memory alive
         _dist.forget_write(self)
         for name in ("lambdas", "exp_avg", "exp_avg_sq"):
             if getattr(self, name).dtype != torch.float32:

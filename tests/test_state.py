@@ -1,6 +1,8 @@
 """The GloFND module: checkpoints, devices, dtypes, custom-op registration, argument checks."""
 import copy
+import gc
 import io
+import weakref
 
 import pytest
 import torch
@@ -234,6 +236,23 @@ def test_kept_views_follow_the_buffers(change):
     if change == "deepcopy":  # the original's memory was not written by the copy's steps
         for k in STATE:
             assert torch.equal(getattr(original, k), before[k]), k
+
+
+@pytest.mark.parametrize("move", ["to", "assign"])
+def test_moved_state_releases_the_old_buffers(move):
+    """The views kept for the C kernels do not keep a replaced state alive: after .to() (here to
+    the meta device, as to a GPU) or an assignment, the old CPU buffers are freed."""
+    fnd = glofnd.GloFND(30)
+    fnd.step(*next(batches(30, 1)))  # views of the CPU buffers are kept now
+    old = [weakref.ref(getattr(fnd, k)) for k in STATE]
+    if move == "to":
+        fnd.to("meta")
+    else:
+        for k in STATE:
+            setattr(fnd, k, getattr(fnd, k).clone())
+        fnd.step(*next(batches(30, 1)))  # the next step builds views of the new buffers
+    gc.collect()
+    assert all(r() is None for r in old)
 
 
 def test_kept_views_refuse_a_resized_buffer():
