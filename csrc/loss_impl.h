@@ -298,12 +298,28 @@ static inline int FN(spans)(const glofnd_rows *b, int64_t r, int64_t lo[3], int6
     return n;
 }
 
-/* The count ratio log(K/|M_r|) of a row with `cnt` kept negatives (0 when not rescaled). */
+/* The mode of a backward row: a row whose forward kept all the entries of its spans (`kept`, the
+ * forward's count) had nothing removed, so it runs as mode 0, without the comparisons or the
+ * removed bytes. The values are the same: no entry would have been dropped. */
+static inline int FN(bwd_mode)(int mode, const int64_t lo[3], const int64_t hi[3], int ns,
+                               int64_t kept)
+{
+    if (mode == 0)
+        return 0;
+    int64_t n = 0;
+    for (int k = 0; k < ns; ++k)
+        n += hi[k] - lo[k];
+    return kept == n ? 0 : mode;
+}
+
+/* The count ratio log(K/|M_r|) of a row with `cnt` kept negatives (0 when not rescaled, and
+ * when nothing was removed: log K - log K, without the two logarithms). */
 static inline T FN(log_ratio)(const glofnd_rows *b, int64_t cnt)
 {
-    if (!b->ratio || cnt <= 0)
+    const int64_t k = b->per_row > 1 ? b->per_row : 1;
+    if (!b->ratio || cnt <= 0 || cnt == k)
         return (T)0;
-    return LOG_T((T)(b->per_row > 1 ? b->per_row : 1)) - LOG_T((T)cnt);
+    return LOG_T((T)k) - LOG_T((T)cnt);
 }
 
 /* A row's log(e^pos + K/|M| sum), where sum = sum over the kept of e^{c s - stab}, stab = mx
@@ -363,11 +379,11 @@ ISA_ATTR static void FN(bwd_row)(const T *sim, T c, const glofnd_rows *b, int64_
     const int64_t M = b->cols;
     const T *s = sim + r * M;
     const uint8_t *rem = b->removed != NULL ? b->removed + r * M : NULL;
-    const int mode = b->thr != NULL ? 1 : rem != NULL ? 2 : 0;
     const T thr = b->thr != NULL ? (T)b->thr[r] : (T)0;
     T *out = dsim + r * M;
     int64_t lo[3], hi[3];
     const int ns = FN(spans)(b, r, lo, hi);
+    const int mode = FN(bwd_mode)(b->thr != NULL ? 1 : rem != NULL ? 2 : 0, lo, hi, ns, kept[r]);
     const T g = grad[r];
     const T shift = lse[r] - FN(log_ratio)(b, kept[r]);
     T acc[LOSS_LANES];
@@ -454,8 +470,9 @@ ISA_ATTR static void FN(sog_bwd_row)(const T *sim, T c, int shift, int pos_term,
     T acc[LOSS_LANES];
     for (int l = 0; l < LOSS_LANES; ++l)
         acc[l] = 0;
+    const int bmode = FN(bwd_mode)(mode, lo, hi, ns, kept[r]);
     for (int k = 0; k < ns; ++k)
-        LOSS_BY_MODE(mode, FN(span_gsum)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
+        LOSS_BY_MODE(bmode, FN(span_gsum)(s + lo[k], rem != NULL ? rem + lo[k] : NULL,
                                          hi[k] - lo[k], MODE, thr, c, o, log_u[r], g,
                                          out + lo[k], acc));
     for (int k = 0; k + 1 < ns; ++k)
