@@ -180,6 +180,31 @@ def _run(sim, positive, own, thr, removed, grad, isa, threads):
     return {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in out.items()}
 
 
+@needs_c
+@pytest.mark.parametrize("unimodal", [True, False])
+def test_whole_rows_backward_as_without_thresholds(unimodal):
+    """A row with nothing above its threshold runs its backward without the comparisons: its
+    gradient has the bytes of the same row with no threshold at all; the other rows, with one
+    entry or more removed, match the float64 formula."""
+    sim, positive, own, thr, _ = case(60, 70, "thr", 4, unimodal=unimodal)
+    thr[::3] = 2.0  # nothing above: whole rows
+    thr[1::3] = sim.max(1).values[1::3] - 1e-3  # the row's max only (or a tie) removed
+    per_row = 70 - (2 if unimodal else 1)
+    grads = []
+    for t in (thr, None):
+        s = sim.clone().requires_grad_()
+        loss, _, kept = _ops.info_nce(s, positive, own, t, None, torch.tensor(3.0), per_row, True)
+        loss.sum().backward()
+        grads.append(s.grad)
+    whole = torch.arange(60) % 3 == 0
+    assert torch.equal(grads[0][whole], grads[1][whole])
+    assert not torch.equal(grads[0][~whole], grads[1][~whole])
+    s = sim.double().requires_grad_()  # the torch reference in float64
+    reference.info_nce(s, positive, own, thr, None, torch.tensor(3.0, dtype=torch.float64),
+                       per_row, True)[0].sum().backward()
+    torch.testing.assert_close(grads[0].double(), s.grad, rtol=1e-4, atol=1e-6)
+
+
 class _NoGradToFirst(torch.autograd.Function):
     """x.sum() + y.sum() whose backward gives x no gradient (None)."""
 
