@@ -47,25 +47,8 @@ int glofnd_internal_threads_for(int requested, int64_t entries, int64_t min_work
 #define GLOFND_EXP_AVG_SQ(st, i) ((st)->exp_avg_sq[(i) * (st)->exp_avg_sq_stride])
 #define GLOFND_STEPS(st, i) ((st)->steps[(i) * (st)->steps_stride])
 
-#if defined(__GNUC__) || defined(__clang__)
-#define GLOFND_NOINLINE __attribute__((noinline))
-#define GLOFND_PREFETCH_R(p) __builtin_prefetch((p), 0, 3)
-#define GLOFND_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
-#else
-#define GLOFND_NOINLINE
-#define GLOFND_PREFETCH_R(p) ((void)(p))
-#define GLOFND_PREFETCH_W(p) ((void)(p))
-#endif
-
-/* Prefetches the state entries of sample i for writing (inline: it runs once per group, and a
- * call cost as much as the four prefetches). */
-static inline void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i)
-{
-    GLOFND_PREFETCH_W(&GLOFND_LAMBDA(st, i));
-    GLOFND_PREFETCH_W(&GLOFND_EXP_AVG(st, i));
-    GLOFND_PREFETCH_W(&GLOFND_EXP_AVG_SQ(st, i));
-    GLOFND_PREFETCH_W(&GLOFND_STEPS(st, i));
-}
+/* Prefetches the state entries of sample i for writing. */
+void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i);
 /* The state entries of every group of g, when the state is large (threshold.c). */
 void glofnd_internal_prefetch_groups(const glofnd_state *st, const int64_t *index,
                                      const glofnd_grouping *g);

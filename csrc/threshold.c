@@ -28,6 +28,15 @@
 #define GLOFND_BLOCK ((int64_t)1024)
 #define GLOFND_PREFETCH_FLOATS 1024
 
+#if defined(__GNUC__) || defined(__clang__)
+#define GLOFND_NOINLINE __attribute__((noinline))
+#define GLOFND_PREFETCH_R(p) __builtin_prefetch((p), 0, 3)
+#define GLOFND_PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
+#else
+#define GLOFND_NOINLINE
+#define GLOFND_PREFETCH_R(p) ((void)(p))
+#define GLOFND_PREFETCH_W(p) ((void)(p))
+#endif
 
 /* Groups ahead whose state entries are prefetched: the indices are random over n, so without it
  * every group would wait for four cache misses once the state outgrows the caches. */
@@ -361,6 +370,14 @@ void glofnd_internal_prefetch_groups(const glofnd_state *st, const int64_t *inde
         return;
     for (int64_t k = 0; k < g->ngroups; ++k)
         glofnd_internal_prefetch_state(st, index[g->order[g->starts[k]]]);
+}
+
+void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i)
+{
+    GLOFND_PREFETCH_W(&GLOFND_LAMBDA(st, i));
+    GLOFND_PREFETCH_W(&GLOFND_EXP_AVG(st, i));
+    GLOFND_PREFETCH_W(&GLOFND_EXP_AVG_SQ(st, i));
+    GLOFND_PREFETCH_W(&GLOFND_STEPS(st, i));
 }
 
 static int run_step(group_fn fn, const void *sim, const glofnd_batch *b, glofnd_state *st,
