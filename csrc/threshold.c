@@ -372,7 +372,9 @@ void glofnd_internal_prefetch_groups(const glofnd_state *st, const int64_t *inde
         glofnd_internal_prefetch_state(st, index[g->order[g->starts[k]]]);
 }
 
-void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i)
+/* Not inlined: inlined into the group loops, GCC 12 compiled these prefetches away (a loop of
+ * prefetches alone became empty), and every group then waited for its state's misses. */
+GLOFND_NOINLINE void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i)
 {
     GLOFND_PREFETCH_W(&GLOFND_LAMBDA(st, i));
     GLOFND_PREFETCH_W(&GLOFND_EXP_AVG(st, i));
