@@ -604,9 +604,10 @@ validity mask or float temporary is made by either variant. What GloFND adds: th
 Adam step of the batch's samples, one comparison per entry and pass, and the Python and \
 dispatch of the call (one block of rows for SimCLR and SogCLR, two for CLIP). Timed on the \
 kernels alone at B = 256 (1 thread, 2026-11-27), the fused forward costs 8 µs more than the \
-plain forward for SimCLR (151 against 143 µs) and 5 µs per CLIP direction (48 against 43), the \
-backward with λ 6 and 4 µs more; the rest of the overhead above is Python, dispatch, and the \
-state's cache lines.
+plain forward for SimCLR (151 against 143 µs) and 3 µs per CLIP direction (44.5 against 41.5), \
+the backward with λ 6 and 1.5 µs more (a row with nothing above its λ, four in five with CLIP's \
+α = 0.001, runs its backward as the plain one); the rest of the overhead above is Python, \
+dispatch, and the state's cache lines.
 
 The kernels compute exp with their own vectorised polynomial (Cephes' expf, < 2 ulp) and sum in \
 16 fixed lanes, so their values differ from torch's by float32 rounding (tests: rtol 1e-5 \
