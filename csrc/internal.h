@@ -47,6 +47,11 @@ int glofnd_internal_threads_for(int requested, int64_t entries, int64_t min_work
 #define GLOFND_EXP_AVG_SQ(st, i) ((st)->exp_avg_sq[(i) * (st)->exp_avg_sq_stride])
 #define GLOFND_STEPS(st, i) ((st)->steps[(i) * (st)->steps_stride])
 
+/* Groups ahead whose state entries are prefetched (threshold.c and loss.c): the indices are
+ * random over n, so without it every group would wait for four cache misses once the state
+ * outgrows the caches. */
+#define GLOFND_PREFETCH_GROUPS 4
+
 /* Prefetches the state entries of sample i for writing. */
 void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i);
 /* The state entries of every group of g, when the state is large (threshold.c). */

@@ -183,17 +183,6 @@ static int check_rows(const glofnd_rows *b)
     return GLOFND_OK;
 }
 
-static int threads_for_rows(const glofnd_rows *b)
-{
-    int nt = b->num_threads < 1 ? 1 : b->num_threads;
-    const int64_t work = b->rows * b->cols;
-    if (work / LOSS_MIN_WORK_PER_THREAD < nt)
-        nt = (int)(work / LOSS_MIN_WORK_PER_THREAD > 1 ? work / LOSS_MIN_WORK_PER_THREAD : 1);
-    if (nt > b->rows)
-        nt = b->rows > 1 ? (int)b->rows : 1;
-    return nt;
-}
-
 /* Checks the rows, then runs `call` (a row kernel applied to row r) on every row, the rows
  * split between threads (each row is written by one thread: the bytes do not depend on it). */
 #define LOSS_RUN_ROWS(b, call)                                                                  \
@@ -201,7 +190,8 @@ static int threads_for_rows(const glofnd_rows *b)
         const int status_ = check_rows(b);                                                      \
         if (status_ != GLOFND_OK)                                                               \
             return status_;                                                                     \
-        const int nt = threads_for_rows(b);                                                     \
+        const int nt = glofnd_internal_threads_for((b)->num_threads, (b)->rows * (b)->cols,    \
+                                                   LOSS_MIN_WORK_PER_THREAD, (b)->rows);        \
         (void)nt;                                                                               \
         LOSS_OMP_FOR                                                                            \
         for (int64_t r = 0; r < (b)->rows; ++r)                                                 \
@@ -305,8 +295,9 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
         (void)nt;                                                                               \
         LOSS_OMP_FOR_GROUPS                                                                     \
         for (int64_t k = 0; k < g.ngroups; ++k) {                                               \
-            if (k + 4 < g.ngroups)                                                              \
-                glofnd_internal_prefetch_state(st, (index)[g.order[g.starts[k + 4]]]);         \
+            if (k + GLOFND_PREFETCH_GROUPS < g.ngroups)                                         \
+                glofnd_internal_prefetch_state(                                                 \
+                    st, (index)[g.order[g.starts[k + GLOFND_PREFETCH_GROUPS]]]);                \
             const int64_t *rows_ = g.order + g.starts[k];                                       \
             const int64_t nrows_ = g.starts[k + 1] - g.starts[k];                               \
             call;                                                                               \

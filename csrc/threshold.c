@@ -38,9 +38,6 @@
 #define GLOFND_PREFETCH_W(p) ((void)(p))
 #endif
 
-/* Groups ahead whose state entries are prefetched: the indices are random over n, so without it
- * every group would wait for four cache misses once the state outgrows the caches. */
-#define GLOFND_PREFETCH_GROUPS 4
 /* Samples from which the whole batch's state entries are prefetched up front: about 3 MiB of
  * state, more than stays in the caches between steps. */
 #define GLOFND_PREFETCH_ALL_MIN ((int64_t)1 << 18)
@@ -171,8 +168,8 @@ static inline void prefetch_span(const void *p, size_t bytes)
         GLOFND_PREFETCH_R((const char *)p + off);
 }
 
-/* Threads to use: at most the caller's, one per GLOFND_MIN_WORK_PER_THREAD entries, one per
- * group. The bytes written do not depend on it. */
+/* Threads to use: at most the caller's, one per `min_work` entries, one per group, at least
+ * one. The bytes written do not depend on it. */
 int glofnd_internal_threads_for(int requested, int64_t entries, int64_t min_work,
                                 int64_t groups)
 {
@@ -181,7 +178,7 @@ int glofnd_internal_threads_for(int requested, int64_t entries, int64_t min_work
     if (nt > by_work)
         nt = by_work > 1 ? by_work : 1;
     if (nt > groups)
-        nt = groups;
+        nt = groups > 1 ? groups : 1;
     return (int)nt;
 }
 
@@ -372,8 +369,8 @@ void glofnd_internal_prefetch_groups(const glofnd_state *st, const int64_t *inde
         glofnd_internal_prefetch_state(st, index[g->order[g->starts[k]]]);
 }
 
-/* Not inlined: inlined into the group loops, GCC 12 compiled these prefetches away (a loop of
- * prefetches alone became empty), and every group then waited for its state's misses. */
+/* Not inlined: inlined, GCC 12 compiled these prefetches away (prefetch_groups became a bare
+ * ret, the group loops lost theirs), and every group then waited for its state's misses. */
 GLOFND_NOINLINE void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i)
 {
     GLOFND_PREFETCH_W(&GLOFND_LAMBDA(st, i));

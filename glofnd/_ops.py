@@ -152,12 +152,11 @@ def _direct(*args) -> bool:
             and all(type(a) is Tensor or not isinstance(a, Tensor) for a in args))
 
 
-def _call(op, cpu_impl, tensors: int, *args, **direct):
+def _call(op, cpu_impl, tensors: int, *args):
     """``op(*args)``; straight to its CPU implementation when :func:`_direct` allows it for the
-    first ``tensors`` arguments (those that may be tensors) and the first is on the CPU. The
-    keywords ``direct`` go to that implementation only (the op's schema has no place for them)."""
+    first ``tensors`` arguments (those that may be tensors) and the first is on the CPU."""
     if _direct(*args[:tensors]) and args[0].device.type == "cpu":
-        return cpu_impl(*args, **direct)
+        return cpu_impl(*args)
     return op(*args)
 
 
@@ -401,16 +400,15 @@ def _fused_forward_any(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq, 
 
 def _fused_forward_cpu(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq, steps, scale,
                        kind, per_row, ratio, alpha, lr, beta1, beta2, eps, lo, hi, optimizer,
-                       step, update, views=None):
-    """CPU: one C kernel (csrc/loss.c, glofnd_fused_fwd) that counts, updates and sums.
-    ``views``: NumPy views of the four state tensors, when the caller keeps them."""
+                       step, update):
+    """CPU: one C kernel (csrc/loss.c, glofnd_fused_fwd) that counts, updates and sums."""
     if not _use_c():
         return _fused_forward_any(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq,
                                   steps, scale, kind, per_row, ratio, alpha, lr, beta1, beta2,
                                   eps, lo, hi, optimizer, step, update)
     state = (lambdas, exp_avg, exp_avg_sq, steps)
     return fused_forward_c(sim, positive, own, index, state,
-                           _state_views(*state, views), scale, kind, per_row, ratio,
+                           _state_views(*state, None), scale, kind, per_row, ratio,
                            (alpha, lr, beta1, beta2, eps, lo, hi, optimizer), step, update)
 
 
