@@ -32,9 +32,35 @@ int glofnd_internal_group_rows(const int64_t *index, int64_t rows, glofnd_groupi
 int glofnd_internal_check_state(const int64_t *index, int64_t rows, const glofnd_state *st,
                                 const glofnd_params *p);
 
-/* One Adam/SGD step of lambda_i from `above` of `nvalid` valid entries (nvalid > 0). */
-void glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above, int64_t nvalid,
-                                const glofnd_params *p);
+/* 1 - beta1**t and 1 - beta2**t for the last (beta1, beta2, t) seen: the samples of a batch
+ * mostly share t (each is visited once per epoch), and computing them costs ~100 cycles. Each
+ * loop over groups keeps its own (no sharing between threads). */
+typedef struct {
+    double b1, b2, d1, d2;
+    int64_t t;
+} glofnd_bias_memo;
+#define GLOFND_BIAS_MEMO_INIT {0.0, 0.0, 0.0, 0.0, -1}
+
+/* One Adam/SGD step of lambda_i from `above` of `nvalid` valid entries (nvalid > 0); returns
+ * the new lambda_i. Its chain of three divisions and a square root takes ~80 cycles: the
+ * drivers issue it where the work that follows does not need its result. */
+float glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above, int64_t nvalid,
+                                 const glofnd_params *p, glofnd_bias_memo *memo);
+
+/* Consecutive groups whose updates the drivers issue together, at most GLOFND_BATCH_MAX: as
+ * many as keep a batch's rows (rows / groups of them per group, row_bytes each) within about
+ * GLOFND_BATCH_BYTES, so that the rows are still in L1 when their second pass comes. */
+#define GLOFND_BATCH_MAX 8
+/* Groups per chunk that several threads take in turn (one thread runs all groups as one). */
+#define GLOFND_CHUNK_GROUPS ((int64_t)16)
+#define GLOFND_BATCH_BYTES ((int64_t)16 << 10)
+int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t groups);
+
+/* Groups in the batch that starts at group kb of [.., k1), nb at most: 0 past the end. */
+static inline int64_t glofnd_internal_batch_size(int64_t kb, int64_t k1, int64_t nb)
+{
+    return kb >= k1 ? 0 : (k1 - kb < nb ? k1 - kb : nb);
+}
 
 /* Threads for `entries` similarities in `groups` groups: at most `requested`, and each thread
  * gets at least `min_work` entries. */
@@ -54,6 +80,13 @@ int glofnd_internal_threads_for(int requested, int64_t entries, int64_t min_work
 
 /* Prefetches the state entries of sample i for writing. */
 void glofnd_internal_prefetch_state(const glofnd_state *st, int64_t i);
+/* The state entries of group k of g, if it exists, for the drivers' loops. */
+static inline void glofnd_internal_prefetch_group(const glofnd_state *st, const int64_t *index,
+                                                  const glofnd_grouping *g, int64_t k)
+{
+    if (k < g->ngroups)
+        glofnd_internal_prefetch_state(st, index[g->order[g->starts[k]]]);
+}
 /* The state entries of every group of g, when the state is large (threshold.c). */
 void glofnd_internal_prefetch_groups(const glofnd_state *st, const int64_t *index,
                                      const glofnd_grouping *g);

@@ -126,7 +126,7 @@ static inline float exp_f32(float x)
 #ifdef _OPENMP
 #define LOSS_OMP_FOR _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")
 #define LOSS_OMP_FOR_GROUPS                                                                     \
-    _Pragma("omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)")
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)")
 #else
 #define LOSS_OMP_FOR
 #define LOSS_OMP_FOR_GROUPS
@@ -143,13 +143,13 @@ typedef struct {
     void (*sbwd)(const float *, float, int, int, const glofnd_rows *, int64_t, const float *,
                  const float *, const int64_t *, float *);
     void (*fused)(const float *, float, int, const glofnd_rows *, const int64_t *, glofnd_state *,
-                  const glofnd_params *, const int64_t *, int64_t, float *, float *, int64_t *,
-                  float *);
+                  const glofnd_params *, const glofnd_grouping *, int64_t, int64_t, float *,
+                  float *, int64_t *, float *);
 } kernels_f32;
 
 #define LOSS_KERNELS(suf)                                                                       \
     {fwd_row_##suf,     bwd_row_##suf,     lme_row_##suf,                                       \
-     sog_fwd_row_##suf, sog_bwd_row_##suf, fused_group_##suf}
+     sog_fwd_row_##suf, sog_bwd_row_##suf, fused_groups_##suf}
 
 static const kernels_f32 *f32_kernels(void)
 {
@@ -272,8 +272,8 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
 }
 
 /* The fused step: groups the rows by index, then runs `call` (a group kernel applied to the
- * rows g.order[g.starts[k] ..]) on every group, the groups split between threads (each group
- * and its state entry are written by one thread: the bytes do not depend on it). */
+ * groups [k0_, k1_) of g) on chunks of groups, split between threads (each group and its state
+ * entry are written by one thread: the bytes do not depend on it). */
 #define LOSS_RUN_GROUPS(b, index, st, p, call)                                                  \
     do {                                                                                        \
         int status_ = check_rows(b);                                                            \
@@ -292,14 +292,12 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
         /* the loss's exponentials make an entry dearer than in the threshold step */          \
         const int nt = glofnd_internal_threads_for((b)->num_threads, (b)->rows * (b)->cols,    \
                                                    LOSS_MIN_WORK_PER_THREAD, g.ngroups);        \
-        (void)nt;                                                                               \
+        const int64_t chunk_ = nt > 1 ? GLOFND_CHUNK_GROUPS : g.ngroups;                          \
+        const int64_t nchunks_ = (g.ngroups + chunk_ - 1) / chunk_;                             \
         LOSS_OMP_FOR_GROUPS                                                                     \
-        for (int64_t k = 0; k < g.ngroups; ++k) {                                               \
-            if (k + GLOFND_PREFETCH_GROUPS < g.ngroups)                                         \
-                glofnd_internal_prefetch_state(                                                 \
-                    st, (index)[g.order[g.starts[k + GLOFND_PREFETCH_GROUPS]]]);                \
-            const int64_t *rows_ = g.order + g.starts[k];                                       \
-            const int64_t nrows_ = g.starts[k + 1] - g.starts[k];                               \
+        for (int64_t c_ = 0; c_ < nchunks_; ++c_) {                                             \
+            const int64_t k0_ = c_ * chunk_;                                                    \
+            const int64_t k1_ = k0_ + chunk_ < g.ngroups ? k0_ + chunk_ : g.ngroups;            \
             call;                                                                               \
         }                                                                                       \
         free(g.block);                                                                          \
@@ -312,7 +310,7 @@ int glofnd_fused_fwd_f32(const float *sim, float scale, int kind, const glofnd_r
 {
     const kernels_f32 *k_ = f32_kernels();
     LOSS_RUN_GROUPS(b, index, st, p,
-                    k_->fused(sim, scale, kind, b, index, st, p, rows_, nrows_, out0, out1, kept,
+                    k_->fused(sim, scale, kind, b, index, st, p, &g, k0_, k1_, out0, out1, kept,
                               thr));
 }
 
@@ -321,6 +319,6 @@ int glofnd_fused_fwd_f64(const double *sim, double scale, int kind, const glofnd
                          double *out0, double *out1, int64_t *kept, float *thr)
 {
     LOSS_RUN_GROUPS(b, index, st, p,
-                    fused_group_f64_base(sim, scale, kind, b, index, st, p, rows_, nrows_, out0,
-                                         out1, kept, thr));
+                    fused_groups_f64_base(sim, scale, kind, b, index, st, p, &g, k0_, k1_, out0,
+                                          out1, kept, thr));
 }

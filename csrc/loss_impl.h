@@ -482,22 +482,21 @@ ISA_ATTR static void FN(sog_bwd_row)(const T *sim, T c, int shift, int pos_term,
 }
 
 #undef LOSS_ROW_SETUP
-/* The fused step of one group (all rows of data-set index i): count its rows against the
- * current lambda_i (taking each row's max along), update lambda_i, then sum each row's kept
+/* The fused step, one group (all rows of data-set index i) at a time: count its rows against
+ * the current lambda_i (taking each row's max along), update lambda_i, then sum each row's kept
  * exponentials against the new lambda_i, the rows still in L1/L2. kind 0: InfoNCE (out0 loss,
  * out1 lse); kind 1: SogCLR's log-mean-exp with o = the positive (CLIP); kind 2: the same with
  * o = 0 (out0 the log-mean-exp). thr (R) gets the rows' new lambda. The max over every entry is
  * the stabiliser; when it is so far above the kept entries that their sum underflows, the kept
  * max is taken in a third pass. */
-ISA_ATTR static void FN(fused_group)(const T *sim, T c, int kind, const glofnd_rows *b,
-                                     const int64_t *index, glofnd_state *st,
-                                     const glofnd_params *p, const int64_t *rows, int64_t nrows,
-                                     T *out0, T *out1, int64_t *kept, float *thr_out)
+
+/* First pass over a group's rows: their maxima into out0, the counts against lam. */
+ISA_ATTR static void FN(fused_pass1)(const T *sim, T c, int kind, const glofnd_rows *b,
+                                     const int64_t *rows, int64_t nrows, T lam, T *out0,
+                                     int64_t *above, int64_t *nfin)
 {
     const int shift = kind == 1;
-    const int64_t i = index[rows[0]], M = b->cols;
-    int64_t above = 0, nfin = 0;
-    const T lam = (T)GLOFND_LAMBDA(st, i);
+    const int64_t M = b->cols;
     for (int64_t q = 0; q < nrows; ++q) {
         const int64_t r = rows[q];
         const T *s = sim + r * M;
@@ -506,12 +505,18 @@ ISA_ATTR static void FN(fused_group)(const T *sim, T c, int kind, const glofnd_r
         const T o = shift ? s[b->positive[r]] : (T)0;
         T mx = -(T)INFINITY;
         for (int k = 0; k < ns; ++k)
-            FN(span_pass1)(s + lo[k], hi[k] - lo[k], c, o, lam, &mx, &above, &nfin);
+            FN(span_pass1)(s + lo[k], hi[k] - lo[k], c, o, lam, &mx, above, nfin);
         out0[r] = mx;
     }
-    if (p->update && nfin > 0)
-        glofnd_internal_update_one(st, i, above, nfin, p);
-    const float lam1 = GLOFND_LAMBDA(st, i);
+}
+
+/* Second pass: the rows' kept sums against the new lam1, and their outputs. */
+ISA_ATTR static void FN(fused_pass2)(const T *sim, T c, int kind, const glofnd_rows *b,
+                                     const int64_t *rows, int64_t nrows, float lam1, T *out0,
+                                     T *out1, int64_t *kept, float *thr_out)
+{
+    const int shift = kind == 1;
+    const int64_t M = b->cols;
     for (int64_t q = 0; q < nrows; ++q) {
         const int64_t r = rows[q];
         const T *s = sim + r * M;
@@ -550,6 +555,55 @@ ISA_ATTR static void FN(fused_group)(const T *sim, T c, int kind, const glofnd_r
             const T stab = mx > -(T)INFINITY ? mx : (T)0;
             out0[r] = cnt > 0 ? stab + LOG_T(sum) - LOG_T((T)cnt) : -(T)INFINITY;
         }
+    }
+}
+
+/* The groups [k0, k1) of g, in batches of consecutive groups (glofnd_internal_batch_groups):
+ * the first passes of a batch, the updates of its lambdas one after the other, then the second
+ * passes of the previous batch, its rows still in L1/L2. An update is a chain of divisions and
+ * a square root (~100 cycles): one at a time between the passes, each stalled the core; a
+ * batch's updates overlap one another. Each group is still handled by one thread with the same
+ * operations: the bytes do not change. */
+ISA_ATTR static void FN(fused_groups)(const T *sim, T c, int kind, const glofnd_rows *b,
+                                      const int64_t *index, glofnd_state *st,
+                                      const glofnd_params *p, const glofnd_grouping *g,
+                                      int64_t k0, int64_t k1, T *out0, T *out1, int64_t *kept,
+                                      float *thr_out)
+{
+    const int64_t *order = g->order, *starts = g->starts;
+    const int64_t nb = glofnd_internal_batch_groups(b->rows, b->cols * (int64_t)sizeof(T),
+                                                    g->ngroups);
+    glofnd_bias_memo memo = GLOFND_BIAS_MEMO_INIT;
+    float lam1[GLOFND_BATCH_MAX]; /* the new lambdas of the previous batch */
+    int64_t above[GLOFND_BATCH_MAX], nfin[GLOFND_BATCH_MAX];
+    int64_t pk = k0, pn = 0; /* the previous batch: groups pk .. pk + pn - 1 */
+    for (int64_t kb = k0;; kb += nb) { /* a last pass with no group ends the last batch */
+        const int64_t n = glofnd_internal_batch_size(kb, k1, nb);
+        for (int64_t l = 0; l < n; ++l) {
+            glofnd_internal_prefetch_group(st, index, g, kb + l + nb + GLOFND_PREFETCH_GROUPS);
+            above[l] = nfin[l] = 0;
+            FN(fused_pass1)(sim, c, kind, b, order + starts[kb + l],
+                            starts[kb + l + 1] - starts[kb + l],
+                            (T)GLOFND_LAMBDA(st, index[order[starts[kb + l]]]), out0, &above[l],
+                            &nfin[l]);
+        }
+        float lam_new[GLOFND_BATCH_MAX];
+        for (int64_t l = 0; l < n; ++l) {
+            const int64_t i = index[order[starts[kb + l]]];
+            lam_new[l] = p->update && nfin[l] > 0
+                             ? glofnd_internal_update_one(st, i, above[l], nfin[l], p, &memo)
+                             : GLOFND_LAMBDA(st, i);
+        }
+        for (int64_t l = 0; l < pn; ++l)
+            FN(fused_pass2)(sim, c, kind, b, order + starts[pk + l],
+                            starts[pk + l + 1] - starts[pk + l], lam1[l], out0, out1, kept,
+                            thr_out);
+        if (n == 0)
+            break;
+        for (int64_t l = 0; l < n; ++l)
+            lam1[l] = lam_new[l];
+        pk = kb;
+        pn = n;
     }
 }
 

@@ -7,10 +7,11 @@
  * store; the pure-torch reference performs the same operations in the same order.
  *
  * Speed: the similarities are read from memory once. A group's rows are counted, its lambda
- * updated, and the same rows, still in L1/L2, compared again for the mask; no R x M temporary
- * exists besides the caller's mask. Row loops are compiled per instruction set and chosen at
- * run time (step_impl.h, rows_avx512.h); rows and the state entries of upcoming groups are
- * prefetched. benchmarks/run.py measures all of it against a plain read of the matrix. */
+ * updated, and the same rows, still in L1, compared again for the mask while the next groups'
+ * rows are counted (step_impl.h, run_groups); no R x M temporary exists besides the caller's
+ * mask. Row loops are compiled per instruction set and chosen at run time (step_impl.h,
+ * rows_avx512.h); rows and the state entries of upcoming groups are prefetched.
+ * benchmarks/run.py measures all of it against a plain read of the matrix. */
 #include "glofnd.h"
 #include "internal.h"
 
@@ -72,38 +73,29 @@ static void ipow2(double b1, double b2, int64_t e, double *r1, double *r2)
     *r2 = x2;
 }
 
-#if defined(_MSC_VER) && !defined(__clang__)
-#define GLOFND_THREAD_LOCAL __declspec(thread)
-#else
-#define GLOFND_THREAD_LOCAL _Thread_local
-#endif
-
-/* 1 - b1**t and 1 - b2**t, remembered per thread for the last (b1, b2, t): the samples of a
- * batch mostly share t (each is visited once per epoch), and the loop costs ~100 cycles. The
- * values are the ones ipow2 computes, so the bytes do not change. */
-static void bias_denominators(double b1, double b2, int64_t t, double *d1, double *d2)
+/* 1 - b1**t and 1 - b2**t through the memo: the values ipow2 computes, so the bytes do not
+ * depend on whether the memo hit. */
+static void bias_denominators(double b1, double b2, int64_t t, glofnd_bias_memo *memo,
+                              double *d1, double *d2)
 {
-    static GLOFND_THREAD_LOCAL struct {
-        double b1, b2, d1, d2;
-        int64_t t;
-    } memo = {0.0, 0.0, 0.0, 0.0, -1};
-    if (memo.t != t || memo.b1 != b1 || memo.b2 != b2) {
+    if (memo->t != t || memo->b1 != b1 || memo->b2 != b2) {
         double pow1, pow2;
         ipow2(b1, b2, t, &pow1, &pow2);
-        memo.b1 = b1;
-        memo.b2 = b2;
-        memo.t = t;
-        memo.d1 = 1.0 - pow1;
-        memo.d2 = 1.0 - pow2;
+        memo->b1 = b1;
+        memo->b2 = b2;
+        memo->t = t;
+        memo->d1 = 1.0 - pow1;
+        memo->d2 = 1.0 - pow2;
     }
-    *d1 = memo.d1;
-    *d2 = memo.d2;
+    *d1 = memo->d1;
+    *d2 = memo->d2;
 }
 
 /* Not inlined: the update arithmetic is compiled once, for the baseline instruction set, and
  * shared by every kernel variant. */
-GLOFND_NOINLINE void glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above,
-                                               int64_t nvalid, const glofnd_params *p)
+GLOFND_NOINLINE float glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above,
+                                                int64_t nvalid, const glofnd_params *p,
+                                                glofnd_bias_memo *memo)
 {
     const double g = p->alpha - (double)above / (double)nvalid;
     const int32_t t = GLOFND_STEPS(st, i) < INT32_MAX ? GLOFND_STEPS(st, i) + 1 : INT32_MAX;
@@ -114,7 +106,7 @@ GLOFND_NOINLINE void glofnd_internal_update_one(glofnd_state *st, int64_t i, int
         const double v = p->beta2 * (double)GLOFND_EXP_AVG_SQ(st, i) + (1.0 - p->beta2) * g * g;
         const int64_t tb = p->step > 0 ? p->step : (int64_t)t;
         double d1, d2;
-        bias_denominators(p->beta1, p->beta2, tb, &d1, &d2);
+        bias_denominators(p->beta1, p->beta2, tb, memo, &d1, &d2);
         const double mhat = m / d1;
         const double vhat = v / d2;
         next = lam - p->lr * mhat / (sqrt(vhat) + p->eps);
@@ -124,8 +116,10 @@ GLOFND_NOINLINE void glofnd_internal_update_one(glofnd_state *st, int64_t i, int
         next = lam - p->lr * g;
     }
     next = next < p->lo ? p->lo : (next > p->hi ? p->hi : next);
-    GLOFND_LAMBDA(st, i) = (float)next;
+    const float lam1 = (float)next;
+    GLOFND_LAMBDA(st, i) = lam1;
     GLOFND_STEPS(st, i) = t;
+    return lam1;
 }
 
 /* The state, the hyper-parameters and the rows' indices, as every kernel needs them. */
@@ -182,6 +176,13 @@ int glofnd_internal_threads_for(int requested, int64_t entries, int64_t min_work
     return (int)nt;
 }
 
+int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t groups)
+{
+    const int64_t group_bytes = (groups > 0 ? rows / groups : 1) * row_bytes;
+    const int64_t n = group_bytes > 0 ? GLOFND_BATCH_BYTES / group_bytes : GLOFND_BATCH_MAX;
+    return n < 1 ? 1 : (n > GLOFND_BATCH_MAX ? GLOFND_BATCH_MAX : n);
+}
+
 /* O(R) grouping with an open-addressing table; group ids follow first appearance, which keeps
  * the layout deterministic (and any layout would give the same bytes). */
 int glofnd_internal_group_rows(const int64_t *index, int64_t rows, glofnd_grouping *g)
@@ -233,10 +234,10 @@ int glofnd_internal_group_rows(const int64_t *index, int64_t rows, glofnd_groupi
     return GLOFND_OK;
 }
 
-/* A group kernel: pools, updates and masks the rows of one index (step_impl.h). */
+/* A group kernel: pools, updates and masks the rows of the groups [k0, k1) (step_impl.h). */
 typedef void (*group_fn)(const void *sim, const glofnd_batch *b, glofnd_state *st,
-                         const glofnd_params *p, const int64_t *rows, int64_t nrows,
-                         uint8_t *mask, int64_t *kept);
+                         const glofnd_params *p, const glofnd_grouping *g, int64_t k0,
+                         int64_t k1, uint8_t *mask, int64_t *kept);
 
 /* Each kernel family per instruction set (internal.h). */
 #define ISA_ATTR
@@ -332,12 +333,12 @@ static group_fn kernel_f32(void)
     switch (glofnd_isa()) {
 #ifdef GLOFND_X86_DISPATCH
     case GLOFND_ISA_AVX512:
-        return do_group_f32_avx512;
+        return run_groups_f32_avx512;
     case GLOFND_ISA_AVX2:
-        return do_group_f32_avx2;
+        return run_groups_f32_avx2;
 #endif
     default:
-        return do_group_f32_base;
+        return run_groups_f32_base;
     }
 }
 
@@ -346,12 +347,12 @@ static group_fn kernel_f64(void)
     switch (glofnd_isa()) {
 #ifdef GLOFND_X86_DISPATCH
     case GLOFND_ISA_AVX512:
-        return do_group_f64_avx512;
+        return run_groups_f64_avx512;
     case GLOFND_ISA_AVX2:
-        return do_group_f64_avx2;
+        return run_groups_f64_avx2;
 #endif
     default:
-        return do_group_f64_base;
+        return run_groups_f64_base;
     }
 }
 
@@ -366,7 +367,7 @@ void glofnd_internal_prefetch_groups(const glofnd_state *st, const int64_t *inde
     if (st->n < GLOFND_PREFETCH_ALL_MIN)
         return;
     for (int64_t k = 0; k < g->ngroups; ++k)
-        glofnd_internal_prefetch_state(st, index[g->order[g->starts[k]]]);
+        glofnd_internal_prefetch_group(st, index, g, k);
 }
 
 /* Not inlined: inlined, GCC 12 compiled these prefetches away (prefetch_groups became a bare
@@ -395,16 +396,15 @@ static int run_step(group_fn fn, const void *sim, const glofnd_batch *b, glofnd_
         glofnd_internal_prefetch_groups(st, b->index, &g);
     const int nt = glofnd_internal_threads_for(p->num_threads, b->rows * b->cols,
                                                  GLOFND_MIN_WORK_PER_THREAD, ngroups);
-    (void)nt;
+    /* one thread runs its groups as one pipeline; several take chunks of them */
+    const int64_t chunk = nt > 1 ? GLOFND_CHUNK_GROUPS : ngroups;
+    const int64_t nchunks = (ngroups + chunk - 1) / chunk;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
 #endif
-    for (int64_t k = 0; k < ngroups; ++k) {
-        if (k + GLOFND_PREFETCH_GROUPS < ngroups)
-            glofnd_internal_prefetch_state(
-                st, b->index[g.order[g.starts[k + GLOFND_PREFETCH_GROUPS]]]);
-        fn(sim, b, st, p, g.order + g.starts[k], g.starts[k + 1] - g.starts[k], mask, kept);
-    }
+    for (int64_t c = 0; c < nchunks; ++c)
+        fn(sim, b, st, p, &g, c * chunk, c * chunk + chunk < ngroups ? c * chunk + chunk : ngroups,
+           mask, kept);
 
     free(g.block);
     return GLOFND_OK;

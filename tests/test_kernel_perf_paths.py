@@ -191,6 +191,33 @@ def test_many_steps_match_reference(isa):
     assert (st_c["steps"] > 0).any() and (st_c["lambdas"] < 1).any()  # the state moved
 
 
+# (float32 columns, groups per batch of the driver): a batch keeps its rows within 16 KiB, so
+# two rows of 65 floats give 8 groups per batch, of 1000 floats 2, of 2100 floats 1
+BATCHES = [(65, 8), (1000, 2), (2100, 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cols,per_batch", BATCHES)
+@pytest.mark.parametrize("edge", [False, True])
+def test_batched_groups_match_reference(isa, dtype, cols, per_batch, edge):
+    """The driver counts a batch of groups while it masks the previous batch's rows, row for row,
+    then updates the batch's λ: many batches, groups of 1 to 4 rows (so that the two batches'
+    rows pair unevenly), a last batch that is not full, rows with NaN/inf on either side of a
+    pair, and per-sample step counts (the memo of the bias correction misses and hits)."""
+    rng = np.random.default_rng(cols)
+    n = 400
+    groups = 5 * per_batch * 2 + 3
+    ids = rng.choice(n, groups, replace=False)
+    index = np.repeat(ids, rng.integers(1, 5, groups)).astype(np.int64)
+    index = index[rng.permutation(index.size)]  # rows of a group apart, as two views are
+    st = make_state(n, rng, warm=True)
+    sim = make_sim(index.size, cols, dtype, rng, st["lambdas"], index, edge)
+    kw = params()
+    want = reference_step(sim, index, None, st, **kw)
+    for threads in (1, 2, 3):
+        assert_same_bytes(c_step(sim, index, None, st, threads, **kw), want)
+
+
 def test_isa_choices_agree():
     """All instruction sets this CPU runs give one result on a mid-size batch."""
     rng = np.random.default_rng(5)
@@ -249,8 +276,8 @@ def test_module_matches_reference(threads):
 
 
 def test_changing_betas_between_calls(isa):
-    """The kernel remembers the last bias-correction denominators per thread; a call with other
-    betas (or another fixed t) at the same counts must not reuse them."""
+    """The kernel remembers the last bias-correction denominators along its loop over groups; a
+    call with other betas (or another fixed t) at the same counts must not reuse them."""
     rng = np.random.default_rng(13)
     n, b, cols = 64, 16, 33
     st_c = make_state(n, rng, warm=False)
