@@ -594,16 +594,23 @@ ISA_ATTR static void FN(fused_groups)(const T *sim, T c, int kind, const glofnd_
                              ? glofnd_internal_update_one(st, i, above[l], nfin[l], p, &memo)
                              : GLOFND_LAMBDA(st, i);
         }
-        for (int64_t l = 0; l < pn; ++l)
-            FN(fused_pass2)(sim, c, kind, b, order + starts[pk + l],
-                            starts[pk + l + 1] - starts[pk + l], lam1[l], out0, out1, kept,
-                            thr_out);
+        if (nb == 1) { /* a group of 16 KiB or more: its rows would leave L1 while the next
+                          * group's first pass runs, and the update is a small part of its time */
+            if (n == 1)
+                FN(fused_pass2)(sim, c, kind, b, order + starts[kb], starts[kb + 1] - starts[kb],
+                                lam_new[0], out0, out1, kept, thr_out);
+        } else {
+            for (int64_t l = 0; l < pn; ++l)
+                FN(fused_pass2)(sim, c, kind, b, order + starts[pk + l],
+                                starts[pk + l + 1] - starts[pk + l], lam1[l], out0, out1, kept,
+                                thr_out);
+            for (int64_t l = 0; l < n; ++l)
+                lam1[l] = lam_new[l];
+            pk = kb;
+            pn = n;
+        }
         if (n == 0)
             break;
-        for (int64_t l = 0; l < n; ++l)
-            lam1[l] = lam_new[l];
-        pk = kb;
-        pn = n;
     }
 }
 

@@ -340,16 +340,18 @@ ARGS = (0.1, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, 0, 0)  # alpha lr beta1 beta2 eps
 @pytest.mark.parametrize("update", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [30, 300_000])  # 300,000: the batch's entries prefetched up front
-def test_fused_forward_equals_update_then_forward(backend, kind, update, dtype, n):
+# 60 columns: the C driver takes 8 groups per batch; 4200 (a group's rows >= 16 KiB): one
+@pytest.mark.parametrize("rows,cols", [(45, 60), (12, 4200)])
+def test_fused_forward_equals_update_then_forward(backend, kind, update, dtype, n, rows, cols):
     """One pass that counts, updates λ and sums: the state is bit-identical to the reference
     threshold_step with all but the own column and positive valid, and the outputs equal those of
     info_nce / sogclr_lme given the new λ (to float rounding: the stabiliser differs)."""
     unimodal = kind != 1
-    sim, positive, own, index = fused_case(45, 60, kind + 7 * update, dtype, unimodal)
+    sim, positive, own, index = fused_case(rows, cols, kind + 7 * update, dtype, unimodal)
     state = random_state(n, seed=3)
     a, b = clone_state(state), clone_state(state)
     out0, out1, kept, thr = _ops.fused_forward(sim, positive, own, index, *a.values(), 8.0,
-                                               kind, 58, True, *ARGS[:-2], 0, 0, update)
+                                               kind, cols - 2, True, *ARGS[:-2], 0, 0, update)
     exclude = positive.unsqueeze(1) if own is None else torch.stack([positive, own], 1)
     if update:
         with _ops.use_backend("reference"):
@@ -360,7 +362,7 @@ def test_fused_forward_equals_update_then_forward(backend, kind, update, dtype, 
     assert torch.equal(thr, b["lambdas"][index])
     if kind == 0:
         want = reference.info_nce(sim, positive, own, thr, None, torch.tensor(8.0, dtype=dtype),
-                                  58, True)
+                                  cols - 2, True)
         got = (out0, out1, kept)
     else:
         want = reference.sogclr_lme(sim, positive, own, thr, None, 8.0, kind == 1)
@@ -370,7 +372,7 @@ def test_fused_forward_equals_update_then_forward(backend, kind, update, dtype, 
     # row 1 is all NaN, row 2 keeps a +inf: both non-finite (torch's logsumexp gives +inf
     # where the kernel gives NaN for the latter); the others agree
     assert torch.isnan(out0[1]) and not torch.isfinite(out0[2]) and not torch.isfinite(want[0][2])
-    finite = torch.ones(45, dtype=torch.bool)
+    finite = torch.ones(rows, dtype=torch.bool)
     finite[1:3] = False
     for x, y in zip(got, want):
         torch.testing.assert_close(x[finite], y[finite], rtol=tol, atol=tol)
