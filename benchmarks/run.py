@@ -358,7 +358,32 @@ def section_b(cfg) -> list[str]:
         lines.append(f"- target _C.step within 2x of the bound, B = {r[0]}, {r[1]} thread(s): "
                      f"{x:.2f}x (wall clock), {'met' if x <= 2 else 'missed'}"
                      + stalled(rows, lambda q: q[0], 4, r))
+    lines += ["", B_NOTES]
     return lines
+
+
+B_NOTES = """\
+How the step spends its time (1 thread, measured 2026-11-27 with perf, on a C driver that calls \
+the kernel without Python, and on builds with parts of the kernel stubbed out). The kernel \
+counts a batch of groups' rows while it writes the flags of the previous batch's rows, which \
+are still in L1, in one loop, then updates the batch's λ together (docs/algorithm.md). At \
+B = 512 (4 MiB, in L3) that loop is about two thirds of the step: it reads the counted row at \
+about the bound's rate and runs ~46 instructions per 64 entries of each row. The λ updates \
+cost ~7 µs (a build whose update only stored was that much faster): each is a chain of \
+divisions and a square root of ~100 cycles, and the core cannot run far enough ahead of it. \
+Grouping the rows by index costs ~2 µs, the binding ~2 µs. At B = 128 the matrix is in L2, \
+the same loop runs at ~2.3x the time of numpy.max's own loop, and the fixed costs (argument \
+checks, the outputs, the grouping: ~1.7 µs for a 2 x 2 step) weigh as much as half a read: \
+with two comparisons per entry the 2x target is out of reach at that size. The bound is \
+itself bimodal here: numpy.max takes 38 or 46 µs at B = 512 from one process to the next.
+
+Before the batches (commit d21e9aa: one group at a time, its update between its count and \
+its mask; same machine, CPU time, medians of 5 alternating processes each): B = 128 10.1 \
+against 8.6 µs now, B = 512 88.4 against 79.8 µs; B = 2048 is memory-bound and unchanged. \
+Tried and dropped: batches of 32-48 KiB of rows (B = 512: 93 µs, the flagged rows no \
+longer in L1); a lag of 2, 4 or 8 groups between a group's count and its mask without \
+batching the updates (no change at B = 128); counting with popcounts and an FMA test for \
+non-finite entries (faster in a loop alone, 2-8% slower in the step)."""
 
 
 @section("d", "Threshold step against the data-set size N")
