@@ -42,8 +42,8 @@ typedef struct {
 #define GLOFND_BIAS_MEMO_INIT {0.0, 0.0, 0.0, 0.0, -1}
 
 /* One Adam/SGD step of lambda_i from `above` of `nvalid` valid entries (nvalid > 0); returns
- * the new lambda_i. Its chain of three divisions and a square root takes ~80 cycles: the
- * drivers issue it where the work that follows does not need its result. */
+ * the new lambda_i. Its chain of divisions and a square root takes ~100 cycles: the drivers
+ * issue the updates of a batch of groups together, so that the chains overlap. */
 float glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above, int64_t nvalid,
                                  const glofnd_params *p, glofnd_bias_memo *memo);
 
@@ -51,10 +51,11 @@ float glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above, int
  * many as keep a batch's rows (rows / groups of them per group, row_bytes each) within about
  * GLOFND_BATCH_BYTES, so that the rows are still in L1 when their second pass comes. */
 #define GLOFND_BATCH_MAX 8
-/* Groups per chunk that several threads take in turn (one thread runs all groups as one). */
-#define GLOFND_CHUNK_GROUPS ((int64_t)16)
 #define GLOFND_BATCH_BYTES ((int64_t)16 << 10)
 int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t groups);
+
+/* Groups per chunk that several threads take in turn (one thread runs all groups as one). */
+#define GLOFND_CHUNK_GROUPS ((int64_t)16)
 
 /* Groups in the batch that starts at group kb of [.., k1), nb at most: 0 past the end. */
 static inline int64_t glofnd_internal_batch_size(int64_t kb, int64_t k1, int64_t nb)
