@@ -292,7 +292,7 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
         /* the loss's exponentials make an entry dearer than in the threshold step */          \
         const int nt = glofnd_internal_threads_for((b)->num_threads, (b)->rows * (b)->cols,    \
                                                    LOSS_MIN_WORK_PER_THREAD, g.ngroups);        \
-        const int64_t chunk_ = nt > 1 ? GLOFND_CHUNK_GROUPS : g.ngroups;                          \
+        const int64_t chunk_ = glofnd_internal_chunk_groups(g.ngroups, nt);                     \
         const int64_t nchunks_ = (g.ngroups + chunk_ - 1) / chunk_;                             \
         LOSS_OMP_FOR_GROUPS                                                                     \
         for (int64_t c_ = 0; c_ < nchunks_; ++c_) {                                             \

@@ -183,6 +183,14 @@ int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t gr
     return n < 1 ? 1 : (n > GLOFND_BATCH_MAX ? GLOFND_BATCH_MAX : n);
 }
 
+int64_t glofnd_internal_chunk_groups(int64_t groups, int nt)
+{
+    if (nt <= 1)
+        return groups > 1 ? groups : 1;
+    const int64_t per = (groups + 4 * (int64_t)nt - 1) / (4 * (int64_t)nt);
+    return per > 16 ? per : 16;
+}
+
 /* O(R) grouping with an open-addressing table; group ids follow first appearance, which keeps
  * the layout deterministic (and any layout would give the same bytes). */
 int glofnd_internal_group_rows(const int64_t *index, int64_t rows, glofnd_grouping *g)
@@ -397,7 +405,7 @@ static int run_step(group_fn fn, const void *sim, const glofnd_batch *b, glofnd_
     const int nt = glofnd_internal_threads_for(p->num_threads, b->rows * b->cols,
                                                  GLOFND_MIN_WORK_PER_THREAD, ngroups);
     /* one thread runs its groups as one pipeline; several take chunks of them */
-    const int64_t chunk = nt > 1 ? GLOFND_CHUNK_GROUPS : ngroups;
+    const int64_t chunk = glofnd_internal_chunk_groups(ngroups, nt);
     const int64_t nchunks = (ngroups + chunk - 1) / chunk;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
