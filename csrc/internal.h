@@ -56,8 +56,8 @@ int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t gr
 
 /* Groups per chunk that nt threads take in turn: all of them for one thread; else about four
  * chunks per thread, of 16 groups at least. Each chunk is one pipeline of batches, whose first
- * and last batches run their passes alone: at B = 512 with 2 threads, chunks of 16 groups
- * took 5-8% longer than chunks of 64-256. */
+ * and last batches run their passes alone: with 2 threads, chunks of 16 groups took 2-8%
+ * longer at B = 512 (two runs) and 4% at B = 2048. */
 int64_t glofnd_internal_chunk_groups(int64_t groups, int nt);
 
 /* Groups in the batch that starts at group kb of [.., k1), nb at most: 0 past the end. */
