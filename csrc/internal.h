@@ -60,10 +60,11 @@ int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t gr
  * longer at B = 512 (two runs) and 4% at B = 2048. */
 int64_t glofnd_internal_chunk_groups(int64_t groups, int nt);
 
-/* Groups in the batch that starts at group kb of [.., k1), nb at most: 0 past the end. */
-static inline int64_t glofnd_internal_batch_size(int64_t kb, int64_t k1, int64_t nb)
+/* Groups to take from group k of [.., end), at most `most` (a batch or a chunk): 0 past the
+ * end. */
+static inline int64_t glofnd_internal_take(int64_t k, int64_t end, int64_t most)
 {
-    return kb >= k1 ? 0 : (k1 - kb < nb ? k1 - kb : nb);
+    return k >= end ? 0 : (end - k < most ? end - k : most);
 }
 
 /* Threads for `entries` similarities in `groups` groups: at most `requested`, and each thread

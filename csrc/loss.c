@@ -297,7 +297,7 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
         LOSS_OMP_FOR_GROUPS                                                                     \
         for (int64_t c_ = 0; c_ < nchunks_; ++c_) {                                             \
             const int64_t k0_ = c_ * chunk_;                                                    \
-            const int64_t k1_ = k0_ + chunk_ < g.ngroups ? k0_ + chunk_ : g.ngroups;            \
+            const int64_t k1_ = k0_ + glofnd_internal_take(k0_, g.ngroups, chunk_);              \
             call;                                                                               \
         }                                                                                       \
         free(g.block);                                                                          \

@@ -482,14 +482,6 @@ ISA_ATTR static void FN(sog_bwd_row)(const T *sim, T c, int shift, int pos_term,
 }
 
 #undef LOSS_ROW_SETUP
-/* The fused step, one group (all rows of data-set index i) at a time: count its rows against
- * the current lambda_i (taking each row's max along), update lambda_i, then sum each row's kept
- * exponentials against the new lambda_i, the rows still in L1/L2. kind 0: InfoNCE (out0 loss,
- * out1 lse); kind 1: SogCLR's log-mean-exp with o = the positive (CLIP); kind 2: the same with
- * o = 0 (out0 the log-mean-exp). thr (R) gets the rows' new lambda. The max over every entry is
- * the stabiliser; when it is so far above the kept entries that their sum underflows, the kept
- * max is taken in a third pass. */
-
 /* First pass over a group's rows: their maxima into out0, the counts against lam. */
 ISA_ATTR static void FN(fused_pass1)(const T *sim, T c, int kind, const glofnd_rows *b,
                                      const int64_t *rows, int64_t nrows, T lam, T *out0,
@@ -558,12 +550,21 @@ ISA_ATTR static void FN(fused_pass2)(const T *sim, T c, int kind, const glofnd_r
     }
 }
 
-/* The groups [k0, k1) of g, in batches of consecutive groups (glofnd_internal_batch_groups):
- * the first passes of a batch, the updates of its lambdas one after the other, then the second
- * passes of the previous batch, its rows still in L1/L2. An update is a chain of divisions and
- * a square root (~100 cycles): one at a time between the passes, each stalled the core; a
- * batch's updates overlap one another. Each group is still handled by one thread with the same
- * operations: the bytes do not change. */
+/* The fused step over the groups [k0, k1) of g (a group: all rows of one data-set index i).
+ * The first pass counts a group's rows against the current lambda_i, taking each row's max
+ * along; lambda_i is updated; the second pass sums each row's kept exponentials against the
+ * new lambda_i, the rows still in L1/L2. kind 0: InfoNCE (out0 loss, out1 lse); kind 1:
+ * SogCLR's log-mean-exp with o = the positive (CLIP); kind 2: the same with o = 0 (out0 the
+ * log-mean-exp). thr (R) gets the rows' new lambda. The max over every entry is the stabiliser;
+ * when it is so far above the kept entries that their sum underflows, the kept max is taken in
+ * a third pass.
+ *
+ * The groups go in batches of consecutive groups (glofnd_internal_batch_groups): the first
+ * passes of a batch, the updates of its lambdas one after the other, then the second passes of
+ * the previous batch. An update is a chain of divisions and a square root (~100 cycles): one
+ * at a time between the passes, each stalled the core; a batch's updates overlap one another.
+ * Each group is still handled by one thread with the same operations: the bytes do not
+ * change. */
 ISA_ATTR static void FN(fused_groups)(const T *sim, T c, int kind, const glofnd_rows *b,
                                       const int64_t *index, glofnd_state *st,
                                       const glofnd_params *p, const glofnd_grouping *g,
@@ -575,25 +576,23 @@ ISA_ATTR static void FN(fused_groups)(const T *sim, T c, int kind, const glofnd_
                                                     g->ngroups);
     glofnd_bias_memo memo = GLOFND_BIAS_MEMO_INIT;
     float lam1[GLOFND_BATCH_MAX]; /* the new lambdas of the previous batch */
-    int64_t above[GLOFND_BATCH_MAX], nfin[GLOFND_BATCH_MAX];
+    int64_t ids[GLOFND_BATCH_MAX], above[GLOFND_BATCH_MAX], nfin[GLOFND_BATCH_MAX];
     int64_t pk = k0, pn = 0; /* the previous batch: groups pk .. pk + pn - 1 */
     for (int64_t kb = k0;; kb += nb) { /* a last pass with no group ends the last batch */
-        const int64_t n = glofnd_internal_batch_size(kb, k1, nb);
+        const int64_t n = glofnd_internal_take(kb, k1, nb);
         for (int64_t l = 0; l < n; ++l) {
             glofnd_internal_prefetch_group(st, index, g, kb + l + nb + GLOFND_PREFETCH_GROUPS);
+            ids[l] = index[order[starts[kb + l]]];
             above[l] = nfin[l] = 0;
             FN(fused_pass1)(sim, c, kind, b, order + starts[kb + l],
-                            starts[kb + l + 1] - starts[kb + l],
-                            (T)GLOFND_LAMBDA(st, index[order[starts[kb + l]]]), out0, &above[l],
-                            &nfin[l]);
+                            starts[kb + l + 1] - starts[kb + l], (T)GLOFND_LAMBDA(st, ids[l]),
+                            out0, &above[l], &nfin[l]);
         }
         float lam_new[GLOFND_BATCH_MAX];
-        for (int64_t l = 0; l < n; ++l) {
-            const int64_t i = index[order[starts[kb + l]]];
+        for (int64_t l = 0; l < n; ++l)
             lam_new[l] = p->update && nfin[l] > 0
-                             ? glofnd_internal_update_one(st, i, above[l], nfin[l], p, &memo)
-                             : GLOFND_LAMBDA(st, i);
-        }
+                             ? glofnd_internal_update_one(st, ids[l], above[l], nfin[l], p, &memo)
+                             : GLOFND_LAMBDA(st, ids[l]);
         if (nb == 1) { /* a group of 16 KiB or more: its rows would leave L1 while the next
                           * group's first pass runs, and the update is a small part of its time */
             if (n == 1)

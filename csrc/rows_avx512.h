@@ -110,62 +110,73 @@ static void exact_row_f32(const float *x, const uint8_t *w, int64_t n, float lam
     *ok = c;
 }
 
-/* Entries of x[0..n) above lam, n a multiple of 64, added in 32-bit lane counters (reduced
- * every 2^24 blocks of 64, far below their range); fin gains NaN in a lane that met a
- * non-finite entry: x * 0 is NaN exactly for NaN and +-inf, and a NaN stays in the sum. Four
- * accumulators of each keep the loop free of long dependency chains. With pf, the lines
- * GLOFND_PREFETCH_FLOATS ahead are prefetched. Shared by count_dense and count_flags. */
+/* Entries of row xc above lam and, with `flags` (a literal, so that each caller compiles its
+ * own loop), the flags of row xm (all finite) against lam1 into out, in one loop: the count
+ * reads its row from L2/L3 or memory and leaves the core's units idle, the flags read theirs
+ * from L1/L2 and keep them busy. The count adds the compares' lanes into 32-bit lane counters
+ * (reduced every 2^24 blocks of 64, far below their range); a lane of the accumulators fin
+ * turns NaN when it meets a non-finite entry (x * 0 is NaN exactly for NaN and +-inf, and a
+ * NaN stays in the sum), and the row is then counted exactly. Returns the flagged count.
+ * Plain inline: marked always_inline, GCC 12 compiled its prefetches away (4% slower at
+ * B = 512), as it did with prefetch_state in threshold.c. */
 #define COUNT64_BLOCK ((int64_t)64 << 24)
-AVX512_ATTR static inline int64_t count64s(const float *x, int64_t n, __m512 vl, __m512 fin[4])
+AVX512_ATTR static inline int64_t
+count_flags_body(const float *xc, float lam, const float *xm, float lam1, uint8_t *out,
+                 int64_t n, int flags, int64_t *above, int64_t *nan)
 {
-    const __m512 z = _mm512_setzero_ps();
-    const __m512i one = _mm512_set1_epi32(1);
-    int64_t a = 0;
-    for (int64_t j0 = 0; j0 < n; j0 += COUNT64_BLOCK) {
-        const int64_t j1 = n - j0 < COUNT64_BLOCK ? n : j0 + COUNT64_BLOCK;
+    const __m512 vc = _mm512_set1_ps(lam), vm = _mm512_set1_ps(lam1), z = _mm512_setzero_ps();
+    const __m512i one = _mm512_set1_epi8(1), one32 = _mm512_set1_epi32(1);
+    __m512 f0 = z, f1 = z, f2 = z, f3 = z;
+    __mmask16 bad = 0;
+    int64_t a = 0, f = 0;
+    const int64_t n64 = n & ~(int64_t)63;
+    for (int64_t j0 = 0; j0 < n64; j0 += COUNT64_BLOCK) {
+        const int64_t j1 = n64 - j0 < COUNT64_BLOCK ? n64 : j0 + COUNT64_BLOCK;
         __m512i c0 = _mm512_setzero_si512(), c1 = c0;
         for (int64_t j = j0; j < j1; j += 64) {
-            prefetch_floats(x + j);
-            const __m512 v0 = _mm512_loadu_ps(x + j), v1 = _mm512_loadu_ps(x + j + 16);
-            const __m512 v2 = _mm512_loadu_ps(x + j + 32), v3 = _mm512_loadu_ps(x + j + 48);
-            fin[0] = _mm512_fmadd_ps(v0, z, fin[0]);
-            fin[1] = _mm512_fmadd_ps(v1, z, fin[1]);
-            fin[2] = _mm512_fmadd_ps(v2, z, fin[2]);
-            fin[3] = _mm512_fmadd_ps(v3, z, fin[3]);
-            c0 = _mm512_mask_add_epi32(c0, _mm512_cmp_ps_mask(v0, vl, _CMP_GT_OQ), c0, one);
-            c1 = _mm512_mask_add_epi32(c1, _mm512_cmp_ps_mask(v1, vl, _CMP_GT_OQ), c1, one);
-            c0 = _mm512_mask_add_epi32(c0, _mm512_cmp_ps_mask(v2, vl, _CMP_GT_OQ), c0, one);
-            c1 = _mm512_mask_add_epi32(c1, _mm512_cmp_ps_mask(v3, vl, _CMP_GT_OQ), c1, one);
+            prefetch_floats(xc + j);
+            const __m512 v0 = _mm512_loadu_ps(xc + j), v1 = _mm512_loadu_ps(xc + j + 16);
+            const __m512 v2 = _mm512_loadu_ps(xc + j + 32), v3 = _mm512_loadu_ps(xc + j + 48);
+            f0 = _mm512_fmadd_ps(v0, z, f0);
+            f1 = _mm512_fmadd_ps(v1, z, f1);
+            f2 = _mm512_fmadd_ps(v2, z, f2);
+            f3 = _mm512_fmadd_ps(v3, z, f3);
+            c0 = _mm512_mask_add_epi32(c0, _mm512_cmp_ps_mask(v0, vc, _CMP_GT_OQ), c0, one32);
+            c1 = _mm512_mask_add_epi32(c1, _mm512_cmp_ps_mask(v1, vc, _CMP_GT_OQ), c1, one32);
+            c0 = _mm512_mask_add_epi32(c0, _mm512_cmp_ps_mask(v2, vc, _CMP_GT_OQ), c0, one32);
+            c1 = _mm512_mask_add_epi32(c1, _mm512_cmp_ps_mask(v3, vc, _CMP_GT_OQ), c1, one32);
+            if (flags) {
+                const __mmask64 k = gt64_finite(xm + j, vm);
+                _mm512_storeu_si512((void *)(out + j), _mm512_maskz_mov_epi8(k, one));
+                f += popcount64(k);
+            }
         }
         a += (int64_t)_mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
     }
-    return a;
-}
-
-/* Whether a lane of the fin accumulators of count64s met a non-finite entry. */
-AVX512_ATTR static inline int nonfinite(const __m512 fin[4])
-{
-    const __m512 s = _mm512_add_ps(_mm512_add_ps(fin[0], fin[1]), _mm512_add_ps(fin[2], fin[3]));
-    return _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q) != 0;
+    if (n64 < n) {
+        a += popcount64(gt_tail(xc + n64, n - n64, vc, &bad));
+        if (flags) {
+            __mmask16 ignored = 0;
+            const __mmask64 k = gt_tail(xm + n64, n - n64, vm, &ignored);
+            const __mmask64 m = ((__mmask64)1 << (n - n64)) - 1;
+            _mm512_mask_storeu_epi8(out + n64, m, _mm512_maskz_mov_epi8(k, one));
+            f += popcount64(k);
+        }
+    }
+    const __m512 s = _mm512_add_ps(_mm512_add_ps(f0, f1), _mm512_add_ps(f2, f3));
+    if (bad || _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q) != 0) {
+        int64_t ok;
+        exact_row_f32(xc, NULL, n, lam, NULL, &a, &ok);
+        *nan += n - ok;
+    }
+    *above += a;
+    return f;
 }
 
 AVX512_ATTR static void count_dense_f32_avx512(const float *x, int64_t n, float lam,
                                                int64_t *above, int64_t *nan)
 {
-    const __m512 vl = _mm512_set1_ps(lam);
-    __m512 fin[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                     _mm512_setzero_ps()};
-    __mmask16 bad = 0;
-    const int64_t n64 = n & ~(int64_t)63;
-    int64_t a = count64s(x, n64, vl, fin);
-    if (n64 < n)
-        a += popcount64(gt_tail(x + n64, n - n64, vl, &bad));
-    if (bad || nonfinite(fin)) {
-        int64_t ok;
-        exact_row_f32(x, NULL, n, lam, NULL, &a, &ok);
-        *nan += n - ok;
-    }
-    *above += a;
+    (void)count_flags_body(x, lam, NULL, 0.0f, NULL, n, 0, above, nan);
 }
 
 AVX512_ATTR static void count_valid_f32_avx512(const float *x, const uint8_t *w, int64_t n,
@@ -239,57 +250,12 @@ AVX512_ATTR static int64_t mask_flags_f32_avx512(const float *x, int64_t n, floa
 }
 
 /* count_dense_f32_avx512 of row xc against lam and mask_flags_f32_avx512 of row xm (all
- * finite) against lam1, in one loop: the count reads its row from L2/L3 or memory and leaves
- * the core's units idle, the flags read theirs from L1/L2 and keep them busy. Returns the
- * flagged count of xm. */
+ * finite) against lam1, in one loop (count_flags_body); returns the flagged count of xm. */
 AVX512_ATTR static int64_t count_flags_f32_avx512(const float *xc, float lam, const float *xm,
                                                   float lam1, uint8_t *out, int64_t n,
                                                   int64_t *above, int64_t *nan)
 {
-    const __m512 vc = _mm512_set1_ps(lam), vm = _mm512_set1_ps(lam1), z = _mm512_setzero_ps();
-    const __m512i one = _mm512_set1_epi8(1), one32 = _mm512_set1_epi32(1);
-    __m512 f0 = z, f1 = z, f2 = z, f3 = z;
-    __mmask16 bad = 0;
-    int64_t a = 0, f = 0, j = 0;
-    const int64_t n64 = n & ~(int64_t)63;
-    for (int64_t j0 = 0; j0 < n64; j0 += COUNT64_BLOCK) {
-        const int64_t j1 = n64 - j0 < COUNT64_BLOCK ? n64 : j0 + COUNT64_BLOCK;
-        __m512i c0 = _mm512_setzero_si512(), c1 = c0;
-        for (j = j0; j < j1; j += 64) {
-            prefetch_floats(xc + j);
-            const __m512 v0 = _mm512_loadu_ps(xc + j), v1 = _mm512_loadu_ps(xc + j + 16);
-            const __m512 v2 = _mm512_loadu_ps(xc + j + 32), v3 = _mm512_loadu_ps(xc + j + 48);
-            f0 = _mm512_fmadd_ps(v0, z, f0);
-            f1 = _mm512_fmadd_ps(v1, z, f1);
-            f2 = _mm512_fmadd_ps(v2, z, f2);
-            f3 = _mm512_fmadd_ps(v3, z, f3);
-            c0 = _mm512_mask_add_epi32(c0, _mm512_cmp_ps_mask(v0, vc, _CMP_GT_OQ), c0, one32);
-            c1 = _mm512_mask_add_epi32(c1, _mm512_cmp_ps_mask(v1, vc, _CMP_GT_OQ), c1, one32);
-            c0 = _mm512_mask_add_epi32(c0, _mm512_cmp_ps_mask(v2, vc, _CMP_GT_OQ), c0, one32);
-            c1 = _mm512_mask_add_epi32(c1, _mm512_cmp_ps_mask(v3, vc, _CMP_GT_OQ), c1, one32);
-            const __mmask64 k = gt64_finite(xm + j, vm);
-            _mm512_storeu_si512((void *)(out + j), _mm512_maskz_mov_epi8(k, one));
-            f += popcount64(k);
-        }
-        a += (int64_t)_mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
-    }
-    j = n64;
-    if (j < n) {
-        __mmask16 ignored = 0;
-        a += popcount64(gt_tail(xc + j, n - j, vc, &bad));
-        const __mmask64 k = gt_tail(xm + j, n - j, vm, &ignored);
-        const __mmask64 m = ((__mmask64)1 << (n - j)) - 1;
-        _mm512_mask_storeu_epi8(out + j, m, _mm512_maskz_mov_epi8(k, one));
-        f += popcount64(k);
-    }
-    const __m512 fin[4] = {f0, f1, f2, f3};
-    if (bad || nonfinite(fin)) {
-        int64_t ok;
-        exact_row_f32(xc, NULL, n, lam, NULL, &a, &ok);
-        *nan += n - ok;
-    }
-    *above += a;
-    return f;
+    return count_flags_body(xc, lam, xm, lam1, out, n, 1, above, nan);
 }
 
 AVX512_ATTR static int64_t mask_valid_f32_avx512(const float *x, const uint8_t *w, int64_t n,

@@ -280,19 +280,21 @@ ISA_ATTR static void FN(run_groups)(const void *sim_v, const glofnd_batch *b, gl
     const int64_t nb = glofnd_internal_batch_groups(b->rows, b->cols * (int64_t)sizeof(T),
                                                     g->ngroups);
     glofnd_bias_memo memo = GLOFND_BIAS_MEMO_INIT;
+    int64_t ids[GLOFND_BATCH_MAX], above[GLOFND_BATCH_MAX], nvalid[GLOFND_BATCH_MAX];
     float lam[GLOFND_BATCH_MAX], lam1[GLOFND_BATCH_MAX]; /* this batch's, the previous one's */
-    int64_t above[GLOFND_BATCH_MAX], nvalid[GLOFND_BATCH_MAX];
     int64_t pk = k0, pn = 0; /* the previous batch: groups pk .. pk + pn - 1 */
     for (int64_t kb = k0;; kb += nb) { /* a last pass with no group masks the last batch */
-        const int64_t n = glofnd_internal_batch_size(kb, k1, nb);
+        const int64_t n = glofnd_internal_take(kb, k1, nb);
         for (int64_t l = 0; l < n; ++l) {
             glofnd_internal_prefetch_group(st, b->index, g, kb + l + nb + GLOFND_PREFETCH_GROUPS);
-            lam[l] = GLOFND_LAMBDA(st, b->index[order[starts[kb + l]]]);
+            ids[l] = b->index[order[starts[kb + l]]];
+            lam[l] = GLOFND_LAMBDA(st, ids[l]);
             above[l] = nvalid[l] = 0;
         }
         /* rows q of this batch with rows mq of the previous one, row for row */
-        int64_t q = starts[kb < k1 ? kb : k1], mq = starts[pk], l = 0, ml = 0;
-        const int64_t qend = starts[(kb < k1 ? kb : k1) + n], mend = starts[pk + pn];
+        const int64_t kc = kb < k1 ? kb : k1;
+        int64_t q = starts[kc], mq = starts[pk], l = 0, ml = 0;
+        const int64_t qend = starts[kc + n], mend = starts[pk + pn];
         for (; q < qend; ++q) {
             while (starts[kb + l + 1] <= q)
                 ++l;
@@ -315,8 +317,7 @@ ISA_ATTR static void FN(run_groups)(const void *sim_v, const glofnd_batch *b, gl
             break;
         for (int64_t u = 0; u < n; ++u)
             lam1[u] = nvalid[u] > 0
-                          ? glofnd_internal_update_one(st, b->index[order[starts[kb + u]]],
-                                                       above[u], nvalid[u], p, &memo)
+                          ? glofnd_internal_update_one(st, ids[u], above[u], nvalid[u], p, &memo)
                           : lam[u];
         pk = kb;
         pn = n;

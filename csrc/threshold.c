@@ -410,9 +410,10 @@ static int run_step(group_fn fn, const void *sim, const glofnd_batch *b, glofnd_
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
 #endif
-    for (int64_t c = 0; c < nchunks; ++c)
-        fn(sim, b, st, p, &g, c * chunk, c * chunk + chunk < ngroups ? c * chunk + chunk : ngroups,
-           mask, kept);
+    for (int64_t c = 0; c < nchunks; ++c) {
+        const int64_t k0 = c * chunk;
+        fn(sim, b, st, p, &g, k0, k0 + glofnd_internal_take(k0, ngroups, chunk), mask, kept);
+    }
 
     free(g.block);
     return GLOFND_OK;
