@@ -124,9 +124,8 @@ static inline float exp_f32(float x)
 #undef T
 
 #ifdef _OPENMP
-#define LOSS_OMP_FOR _Pragma("omp parallel for schedule(static) num_threads(nt) if (nt > 1)")
-#define LOSS_OMP_FOR_GROUPS                                                                     \
-    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)")
+#define LOSS_OMP_FOR _Pragma("omp parallel for schedule(static) num_threads(nt)")
+#define LOSS_OMP_FOR_GROUPS _Pragma("omp parallel for schedule(dynamic, 1) num_threads(nt)")
 #else
 #define LOSS_OMP_FOR
 #define LOSS_OMP_FOR_GROUPS
@@ -192,7 +191,11 @@ static int check_rows(const glofnd_rows *b)
             return status_;                                                                     \
         const int nt = glofnd_internal_threads_for((b)->num_threads, (b)->rows * (b)->cols,    \
                                                    LOSS_MIN_WORK_PER_THREAD, (b)->rows);        \
-        (void)nt;                                                                               \
+        if (nt == 1) { /* no OpenMP region (internal.h, threads_for) */                         \
+            for (int64_t r = 0; r < (b)->rows; ++r)                                             \
+                call;                                                                           \
+            return GLOFND_OK;                                                                   \
+        }                                                                                       \
         LOSS_OMP_FOR                                                                            \
         for (int64_t r = 0; r < (b)->rows; ++r)                                                 \
             call;                                                                               \
@@ -292,13 +295,18 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
         /* the loss's exponentials make an entry dearer than in the threshold step */          \
         const int nt = glofnd_internal_threads_for((b)->num_threads, (b)->rows * (b)->cols,    \
                                                    LOSS_MIN_WORK_PER_THREAD, g.ngroups);        \
-        const int64_t chunk_ = glofnd_internal_chunk_groups(g.ngroups, nt);                     \
-        const int64_t nchunks_ = (g.ngroups + chunk_ - 1) / chunk_;                             \
-        LOSS_OMP_FOR_GROUPS                                                                     \
-        for (int64_t c_ = 0; c_ < nchunks_; ++c_) {                                             \
-            const int64_t k0_ = c_ * chunk_;                                                    \
-            const int64_t k1_ = k0_ + glofnd_internal_take(k0_, g.ngroups, chunk_);              \
+        if (nt == 1) { /* one pipeline, no OpenMP region (internal.h) */                        \
+            const int64_t k0_ = 0, k1_ = g.ngroups;                                             \
             call;                                                                               \
+        } else {                                                                                \
+            const int64_t chunk_ = glofnd_internal_chunk_groups(g.ngroups, nt);                 \
+            const int64_t nchunks_ = (g.ngroups + chunk_ - 1) / chunk_;                         \
+            LOSS_OMP_FOR_GROUPS                                                                 \
+            for (int64_t c_ = 0; c_ < nchunks_; ++c_) {                                         \
+                const int64_t k0_ = c_ * chunk_;                                                \
+                const int64_t k1_ = k0_ + glofnd_internal_take(k0_, g.ngroups, chunk_);         \
+                call;                                                                           \
+            }                                                                                   \
         }                                                                                       \
         free(g.block);                                                                          \
         return GLOFND_OK;                                                                       \

@@ -404,15 +404,21 @@ static int run_step(group_fn fn, const void *sim, const glofnd_batch *b, glofnd_
         glofnd_internal_prefetch_groups(st, b->index, &g);
     const int nt = glofnd_internal_threads_for(p->num_threads, b->rows * b->cols,
                                                  GLOFND_MIN_WORK_PER_THREAD, ngroups);
-    /* one thread runs its groups as one pipeline; several take chunks of them */
-    const int64_t chunk = glofnd_internal_chunk_groups(ngroups, nt);
-    const int64_t nchunks = (ngroups + chunk - 1) / chunk;
+    /* one thread runs its groups as one pipeline, without an OpenMP region (internal.h,
+     * glofnd_internal_threads_for); several take chunks of them */
+    if (nt == 1) {
+        fn(sim, b, st, p, &g, 0, ngroups, mask, kept);
+    } else {
+        const int64_t chunk = glofnd_internal_chunk_groups(ngroups, nt);
+        const int64_t nchunks = (ngroups + chunk - 1) / chunk;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
 #endif
-    for (int64_t c = 0; c < nchunks; ++c) {
-        const int64_t k0 = c * chunk;
-        fn(sim, b, st, p, &g, k0, k0 + glofnd_internal_take(k0, ngroups, chunk), mask, kept);
+        for (int64_t c = 0; c < nchunks; ++c) {
+            const int64_t k0 = c * chunk;
+            fn(sim, b, st, p, &g, k0, k0 + glofnd_internal_take(k0, ngroups, chunk), mask,
+               kept);
+        }
     }
 
     free(g.block);
