@@ -293,37 +293,69 @@ static int exact_array(PyObject *obj, const char *name, int typenum, int ndim, n
     return 0;
 }
 
-static PyObject *py_step(PyObject *self, PyObject *args, PyObject *kwds)
+/* The arguments of step(), in order; the first STEP_REQUIRED are required. */
+#define STEP_NARGS 18
+#define STEP_REQUIRED 7
+static const char *const step_names[STEP_NARGS] = {
+    "sim",   "index", "valid", "lambdas", "exp_avg",   "exp_avg_sq", "steps",  "alpha",
+    "lr",    "beta1", "beta2", "eps",     "lo",        "hi",         "optimizer", "step",
+    "update", "num_threads"};
+/* Their interned str, made once (exec_module): keyword names are interned by the compiler, so
+ * a keyword is found by its pointer before any string is compared. */
+static PyObject *step_keys[STEP_NARGS];
+
+/* Fills a[0..STEP_NARGS) from a vectorcall (NULL where not given); TypeError as CPython words
+ * it otherwise, naming the argument. No tuple, dict or str is made per call: with
+ * PyArg_ParseTupleAndKeywords a keyword cost ~0.6 us a call (a str made and hashed per name). */
+static int step_args(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **a)
+{
+    if (nargs > STEP_NARGS) {
+        PyErr_Format(PyExc_TypeError, "step() takes at most %d arguments (%zd given)",
+                     STEP_NARGS, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < STEP_NARGS; ++i)
+        a[i] = i < nargs ? args[i] : NULL;
+    const Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; ++k) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int j = 0;
+        while (j < STEP_NARGS && step_keys[j] != key)
+            ++j;
+        for (int q = 0; j == STEP_NARGS && q < STEP_NARGS; ++q) /* a str not interned */
+            if (PyUnicode_Compare(key, step_keys[q]) == 0)
+                j = q;
+        if (j == STEP_NARGS) {
+            PyErr_Format(PyExc_TypeError, "step() got an unexpected keyword argument %R", key);
+            return -1;
+        }
+        if (a[j] != NULL) {
+            PyErr_Format(PyExc_TypeError, "step() got multiple values for argument '%s'",
+                         step_names[j]);
+            return -1;
+        }
+        a[j] = args[nargs + k];
+    }
+    for (int j = 0; j < STEP_REQUIRED; ++j)
+        if (a[j] == NULL) {
+            PyErr_Format(PyExc_TypeError, "step() missing required argument '%s' (pos %d)",
+                         step_names[j], j + 1);
+            return -1;
+        }
+    return 0;
+}
+
+static PyObject *py_step(PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+                         PyObject *kwnames)
 {
     (void)self;
-    static char *kwlist[] = {"sim", "index", "valid", "lambdas", "exp_avg", "exp_avg_sq",
-                             "steps", "alpha", "lr", "beta1", "beta2", "eps", "lo", "hi",
-                             "optimizer", "step", "update", "num_threads", NULL};
-    PyObject *sim_o, *index_o, *valid_o, *lam_o, *m_o, *v_o, *t_o;
-    PyObject *o[11] = {NULL};
+    PyObject *arg[STEP_NARGS];
+    if (step_args(args, nargs, kwnames, arg) < 0)
+        return NULL;
+    PyObject *sim_o = arg[0], *index_o = arg[1], *valid_o = arg[2], *lam_o = arg[3],
+             *m_o = arg[4], *v_o = arg[5], *t_o = arg[6], *const *o = arg + STEP_REQUIRED;
     glofnd_params p = {0.01, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, GLOFND_ADAM, 0, 1, 1};
     long long optimizer = p.optimizer, step = 0, update = 1, threads = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|OOOOOOOOOOO", kwlist, &sim_o,
-                                     &index_o, &valid_o, &lam_o, &m_o, &v_o, &t_o, &o[0], &o[1],
-                                     &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8], &o[9],
-                                     &o[10])) {
-        /* CPython reports an extra keyword only by count when all others are given: name it
-         * (looked for only here: comparing every keyword with every name costs a microsecond
-         * per call) */
-        PyObject *key;
-        Py_ssize_t pos = 0;
-        while (kwds != NULL && PyDict_Next(kwds, &pos, &key, NULL)) {
-            int known = 0;
-            for (char **k = kwlist; *k != NULL && !known; ++k)
-                known = PyUnicode_Check(key) && PyUnicode_CompareWithASCIIString(key, *k) == 0;
-            if (!known) {
-                PyErr_Format(PyExc_TypeError, "step() got an unexpected keyword argument %R",
-                             key);
-                return NULL;
-            }
-        }
-        return NULL;
-    }
     if (get_double(o[0], "alpha", &p.alpha) < 0 || get_double(o[1], "lr", &p.lr) < 0 ||
         get_double(o[2], "beta1", &p.beta1) < 0 || get_double(o[3], "beta2", &p.beta2) < 0 ||
         get_double(o[4], "eps", &p.eps) < 0 || get_double(o[5], "lo", &p.lo) < 0 ||
@@ -742,7 +774,7 @@ static PyObject *py_set_isa(PyObject *self, PyObject *arg)
 }
 
 static PyMethodDef methods[] = {
-    {"step", (PyCFunction)(void (*)(void))py_step, METH_VARARGS | METH_KEYWORDS,
+    {"step", (PyCFunction)(void (*)(void))py_step, METH_FASTCALL | METH_KEYWORDS,
      "step(sim, index, valid, lambdas, exp_avg, exp_avg_sq, steps, alpha, lr, beta1, beta2,"
      " eps, lo, hi, optimizer, step, update, num_threads) -> (mask, kept)\n\n"
      "Fused GloFND threshold step: updates the state in place, returns the false-negative mask\n"
@@ -782,6 +814,12 @@ static PyMethodDef methods[] = {
 static int exec_module(PyObject *m)
 {
     import_array1(-1);
+    for (int j = 0; j < STEP_NARGS; ++j) {
+        if (step_keys[j] == NULL)
+            step_keys[j] = PyUnicode_InternFromString(step_names[j]);
+        if (step_keys[j] == NULL)
+            return -1;
+    }
     if (PyModule_AddIntConstant(m, "openmp", glofnd_has_openmp()) < 0 ||
         PyModule_AddIntConstant(m, "ADAM", GLOFND_ADAM) < 0 ||
         PyModule_AddIntConstant(m, "SGD", GLOFND_SGD) < 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -549,3 +550,62 @@ def test_c_step_names_an_unknown_keyword(all_given):
                      st["steps"], alpah=0.1, **kw)
     for k, v in st.items():
         assert np.array_equal(v, before[k]), k
+
+
+def _c_step_args(rng):
+    st = numpy_api.init_state(10)
+    sim = rng.uniform(-1, 1, (4, 6)).astype(np.float32)
+    index = np.array([0, 3, 0, 7])
+    return (sim, index, None, st["lambdas"], st["exp_avg"], st["exp_avg_sq"], st["steps"]), st
+
+
+@pytest.mark.skipif(_ops._C is None, reason="C extension not built")
+@pytest.mark.parametrize("case", ["twice", "too-many", "missing", "positional-past-end"])
+def test_c_step_argument_errors_name_the_argument(case):
+    """The binding parses its arguments itself (vectorcall): an argument given twice, too many
+    positional ones and a missing required one raise TypeError as CPython words it, naming the
+    argument, and leave the state as it was."""
+    args, st = _c_step_args(np.random.default_rng(3))
+    before = {k: v.copy() for k, v in st.items()}
+    hyper = (0.1, 0.05, 0.9, 0.98, 1e-8, -1.0, 1.0, 0, 0, 1, 1)  # alpha .. num_threads
+    call, match = {
+        "twice": (lambda: _ops._C.step(*args, 0.1, alpha=0.2),
+                  "multiple values for argument 'alpha'"),
+        "too-many": (lambda: _ops._C.step(*args, *hyper, 1),
+                     "at most 18 arguments \\(19 given\\)"),
+        "missing": (lambda: _ops._C.step(*args[:3], lambdas=args[3], exp_avg=args[4],
+                                         exp_avg_sq=args[5]), "missing required argument 'steps'"),
+        "positional-past-end": (lambda: _ops._C.step(*args[:6]), "'steps' \\(pos 7\\)"),
+    }[case]
+    with pytest.raises(TypeError, match=match):
+        call()
+    for k, v in st.items():
+        assert np.array_equal(v, before[k]), k
+
+
+@pytest.mark.skipif(_ops._C is None, reason="C extension not built")
+def test_c_step_keywords_positional_and_uninterned_agree():
+    """The same call given positionally, by keyword, and by keyword names built at run time (so
+    not interned: found by comparing strings, not pointers) gives the same mask, counts and
+    state."""
+    names = ("sim", "index", "valid", "lambdas", "exp_avg", "exp_avg_sq", "steps")
+    hyper = dict(alpha=0.2, lr=0.07, beta1=0.8, beta2=0.9, eps=1e-6, lo=-0.5, hi=0.9,
+                 optimizer=0, step=3, update=True, num_threads=1)
+    results = []
+    for form in ("positional", "keyword", "uninterned"):
+        args, st = _c_step_args(np.random.default_rng(5))
+        if form == "positional":
+            out = _ops._C.step(*args, *hyper.values())
+        else:
+            kw = dict(zip(names, args), **hyper)
+            if form == "uninterned":
+                kw = {"".join(list(k)): v for k, v in kw.items()}
+                assert all(sys.intern(k) is not k for k in kw)
+            out = _ops._C.step(**kw)
+        results.append((out, {k: v.copy() for k, v in st.items()}))
+    (m0, k0), s0 = results[0]
+    assert m0.any() and not m0.all()  # the call flagged some entries: the comparison can fail
+    for (m, k), s in results[1:]:
+        assert np.array_equal(m, m0) and np.array_equal(k, k0)
+        for name in s0:
+            assert np.array_equal(s[name], s0[name]), name
