@@ -35,8 +35,9 @@ static int check_state_array(PyObject *obj, const char *name, int typenum, const
     PyArrayObject *a = ndarray_arg(obj, name);
     if (a == NULL)
         return -1;
-    if (PyArray_TYPE(a) != typenum) {
-        PyErr_Format(PyExc_TypeError, "%s must have dtype %s", name, tname);
+    if (PyArray_TYPE(a) != typenum || !PyArray_ISNOTSWAPPED(a)) {
+        PyErr_Format(PyExc_TypeError, "%s must have dtype %s in native byte order", name,
+                     tname);
         return -1;
     }
     if (PyArray_NDIM(a) != 1 || (n >= 0 && PyArray_DIM(a, 0) != n)) {
@@ -74,8 +75,8 @@ static int element_strides(PyArrayObject *a, int64_t *rs, int64_t *cs)
     return 0;
 }
 
-/* sim as an aligned float32/float64 2-D array, a new reference; copies only when unaligned or
- * when its strides are not whole elements. */
+/* sim as an aligned float32/float64 2-D array in native byte order, a new reference; copies only
+ * when unaligned, byte-swapped, or when its strides are not whole elements. */
 static PyArrayObject *as_sim(PyObject *obj)
 {
     if (ndarray_arg(obj, "sim") == NULL)
@@ -90,8 +91,14 @@ static PyArrayObject *as_sim(PyObject *obj)
                      PyArray_NDIM((PyArrayObject *)obj));
         return NULL;
     }
-    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OF(obj, NPY_ARRAY_ALIGNED);
     int64_t rs, cs;
+    if (PyArray_ISALIGNED((PyArrayObject *)obj) && PyArray_ISNOTSWAPPED((PyArrayObject *)obj) &&
+        element_strides((PyArrayObject *)obj, &rs, &cs) == 0) { /* the usual case: as it is */
+        Py_INCREF(obj);
+        return (PyArrayObject *)obj;
+    }
+    PyArrayObject *a =
+        (PyArrayObject *)PyArray_FROM_OF(obj, NPY_ARRAY_ALIGNED | NPY_ARRAY_NOTSWAPPED);
     if (a != NULL && element_strides(a, &rs, &cs) < 0) {
         Py_SETREF(a, (PyArrayObject *)PyArray_FROM_OF((PyObject *)a, NPY_ARRAY_CARRAY_RO));
     }
@@ -112,10 +119,17 @@ static PyArrayObject *as_index(PyObject *obj, npy_intp rows, npy_intp n)
     /* unsigned ids are read as uint64 (a safe cast); once checked below n <= INT64_MAX their
      * bits are the same int64 values, so the kernel reads the buffer as int64 */
     const int unsig = PyArray_ISUNSIGNED((PyArrayObject *)obj);
-    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, unsig ? NPY_UINT64 : NPY_INT64,
-                                                         NPY_ARRAY_IN_ARRAY);
-    if (a == NULL)
-        return NULL;
+    const int want = unsig ? NPY_UINT64 : NPY_INT64;
+    PyArrayObject *a;
+    if (PyArray_TYPE((PyArrayObject *)obj) == want && PyArray_ISCARRAY_RO((PyArrayObject *)obj) &&
+        PyArray_ISNOTSWAPPED((PyArrayObject *)obj)) { /* the usual case: as it is */
+        Py_INCREF(obj);
+        a = (PyArrayObject *)obj;
+    } else {
+        a = (PyArrayObject *)PyArray_FROM_OTF(obj, want, NPY_ARRAY_IN_ARRAY);
+        if (a == NULL)
+            return NULL;
+    }
     const int64_t *ix = (const int64_t *)PyArray_DATA(a);
     const uint64_t *ux = (const uint64_t *)PyArray_DATA(a);
     for (npy_intp r = 0; r < rows; ++r) {
@@ -276,8 +290,9 @@ static int exact_array(PyObject *obj, const char *name, int typenum, int ndim, n
     PyArrayObject *a = ndarray_arg(obj, name);
     if (a == NULL)
         return -1;
-    if (PyArray_TYPE(a) != typenum) {
-        PyErr_Format(PyExc_TypeError, "%s has the wrong dtype", name);
+    if (PyArray_TYPE(a) != typenum || !PyArray_ISNOTSWAPPED(a)) {
+        PyErr_Format(PyExc_TypeError, "%s has the wrong dtype (or is not in native byte order)",
+                     name);
         return -1;
     }
     if (PyArray_NDIM(a) != ndim || (d0 >= 0 && PyArray_DIM(a, 0) != d0) ||

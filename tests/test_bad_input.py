@@ -609,3 +609,37 @@ def test_c_step_keywords_positional_and_uninterned_agree():
         assert np.array_equal(m, m0) and np.array_equal(k, k0)
         for name in s0:
             assert np.array_equal(s[name], s0[name]), name
+
+
+@pytest.mark.skipif(_ops._C is None, reason="C extension not built")
+def test_c_step_reads_byte_swapped_inputs_by_value():
+    """sim and index in non-native byte order are read by value (converted), giving the bytes
+    of the native call; before, a swapped sim was read as if native."""
+    native, st = _c_step_args(np.random.default_rng(6))
+    swapped, st2 = _c_step_args(np.random.default_rng(6))
+    swapped = (swapped[0].astype(swapped[0].dtype.newbyteorder()),
+               swapped[1].astype(swapped[1].dtype.newbyteorder())) + swapped[2:]
+    assert not swapped[0].dtype.isnative and not swapped[1].dtype.isnative
+    m0, k0 = _ops._C.step(*native, alpha=0.2)
+    m1, k1 = _ops._C.step(*swapped, alpha=0.2)
+    assert m0.any() and np.array_equal(m0, m1) and np.array_equal(k0, k1)
+    for name in st:
+        assert np.array_equal(st[name], st2[name]), name
+
+
+@pytest.mark.skipif(_ops._C is None, reason="C extension not built")
+@pytest.mark.parametrize("name", ["lambdas", "exp_avg", "exp_avg_sq", "steps"])
+def test_c_step_refuses_a_byte_swapped_state_array(name):
+    """A state array in non-native byte order cannot be updated in place correctly: TypeError
+    naming it, nothing written."""
+    args, st = _c_step_args(np.random.default_rng(7))
+    pos = 3 + ("lambdas", "exp_avg", "exp_avg_sq", "steps").index(name)
+    swapped = st[name].astype(st[name].dtype.newbyteorder())
+    before = swapped.copy()
+    others = {k: v.copy() for k, v in st.items()}
+    args = args[:pos] + (swapped,) + args[pos + 1:]
+    with pytest.raises(TypeError, match=f"{name} must have dtype .* native byte order"):
+        _ops._C.step(*args)
+    assert np.array_equal(swapped, before)
+    for k, v in st.items():
+        assert np.array_equal(v, others[k]), k
