@@ -18,10 +18,11 @@
 #endif
 #endif
 
-/* Rows grouped by index: group k holds rows order[starts[k] .. starts[k+1]), ascending. */
+/* Rows grouped by index: group k holds rows order[starts[k] .. starts[k+1]), ascending; row r
+ * is in group gid[r]. scratch holds 2 * ngroups int64 that the caller may use. */
 typedef struct {
-    void *block; /* the one allocation behind order and starts: free() it */
-    int64_t *order, *starts;
+    void *block; /* the one allocation behind order, starts, gid and scratch: free() it */
+    int64_t *order, *starts, *gid, *scratch;
     int64_t ngroups;
 } glofnd_grouping;
 

@@ -282,4 +282,71 @@ AVX512_ATTR static int64_t mask_valid_f32_avx512(const float *x, const uint8_t *
     return c - f;
 }
 
+/* The whole-matrix loops of the threshold step on small matrices (threshold.c, flat_step_f32):
+ * every row of a dense float32 matrix (R rows of M entries, row stride rs floats), in memory
+ * order, row r against lam[gid[r]]. Counting with popcounts and one non-finite test for the
+ * whole matrix, instead of a call, a reduction and a test per row, is what makes them faster
+ * than the per-row kernels when rows are short.
+ *
+ * Counts of the rows, added to above[gid[r]]; returns 0 when an entry may not be finite (x + y
+ * overflowing also says so): the counts are then not to be used. */
+AVX512_ATTR static int count_all_f32_avx512(const float *sim, int64_t R, int64_t M, int64_t rs,
+                                           const int64_t *gid, const float *lam, int64_t *above)
+{
+    const __m512 z = _mm512_setzero_ps();
+    __m512 f0 = z, f1 = z;
+    __mmask16 bad = 0;
+    const int64_t n64 = M & ~(int64_t)63;
+    for (int64_t r = 0; r < R; ++r) {
+        const float *x = sim + r * rs;
+        const __m512 vl = _mm512_set1_ps(lam[gid[r]]);
+        int64_t a = 0;
+        for (int64_t j = 0; j < n64; j += 64) {
+            const __m512 v0 = _mm512_loadu_ps(x + j), v1 = _mm512_loadu_ps(x + j + 16);
+            const __m512 v2 = _mm512_loadu_ps(x + j + 32), v3 = _mm512_loadu_ps(x + j + 48);
+            f0 = _mm512_fmadd_ps(_mm512_add_ps(v0, v1), z, f0);
+            f1 = _mm512_fmadd_ps(_mm512_add_ps(v2, v3), z, f1);
+            const __mmask32 lo = _mm512_kunpackw(_mm512_cmp_ps_mask(v1, vl, _CMP_GT_OQ),
+                                                 _mm512_cmp_ps_mask(v0, vl, _CMP_GT_OQ));
+            const __mmask32 hi = _mm512_kunpackw(_mm512_cmp_ps_mask(v3, vl, _CMP_GT_OQ),
+                                                 _mm512_cmp_ps_mask(v2, vl, _CMP_GT_OQ));
+            a += popcount64(_mm512_kunpackd(hi, lo));
+        }
+        if (n64 < M)
+            a += popcount64(gt_tail(x + n64, M - n64, vl, &bad));
+        above[gid[r]] += a;
+    }
+    const __m512 s = _mm512_add_ps(f0, f1);
+    return !bad && _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q) == 0;
+}
+
+/* Flags of every row (all finite) against lam[gid[r]] into mask (R rows of M bytes);
+ * kept[r] = M - flagged. */
+AVX512_ATTR static void flags_all_f32_avx512(const float *sim, int64_t R, int64_t M, int64_t rs,
+                                            const int64_t *gid, const float *lam, uint8_t *mask,
+                                            int64_t *kept)
+{
+    const __m512i one = _mm512_set1_epi8(1);
+    const int64_t n64 = M & ~(int64_t)63;
+    for (int64_t r = 0; r < R; ++r) {
+        const float *x = sim + r * rs;
+        uint8_t *out = mask + r * M;
+        const __m512 vl = _mm512_set1_ps(lam[gid[r]]);
+        int64_t f = 0;
+        for (int64_t j = 0; j < n64; j += 64) {
+            const __mmask64 k = gt64_finite(x + j, vl);
+            _mm512_storeu_si512((void *)(out + j), _mm512_maskz_mov_epi8(k, one));
+            f += popcount64(k);
+        }
+        if (n64 < M) {
+            __mmask16 ignored = 0;
+            const __mmask64 k = gt_tail(x + n64, M - n64, vl, &ignored);
+            const __mmask64 m = ((__mmask64)1 << (M - n64)) - 1;
+            _mm512_mask_storeu_epi8(out + n64, m, _mm512_maskz_mov_epi8(k, one));
+            f += popcount64(k);
+        }
+        kept[r] = M - f;
+    }
+}
+
 #undef AVX512_ATTR

@@ -218,6 +218,34 @@ def test_batched_groups_match_reference(isa, dtype, cols, per_batch, edge):
         assert_same_bytes(c_step(sim, index, None, st, threads, **kw), want)
 
 
+@pytest.mark.parametrize("cols", [1, 5, 63, 64, 130, 256, 1000])
+@pytest.mark.parametrize("kind", ["contiguous", "padded_rows"])
+@pytest.mark.parametrize("edge", [False, "one", True])
+def test_small_matrices_match_reference(isa, cols, kind, edge):
+    """Matrices of at most 512 KiB on one thread take a path of their own with AVX-512 (two
+    passes over the whole matrix in memory order, csrc/threshold.c flat_step_f32): the same
+    bytes as the reference, for rows shorter than a vector, with tails, padded rows, groups of
+    1 to 3 rows, and with one or many non-finite entries (the path then gives the step to the
+    per-row kernels before it writes anything)."""
+    rng = np.random.default_rng(cols)
+    n = 300
+    groups = 40
+    ids = rng.choice(n, groups, replace=False)
+    index = np.repeat(ids, rng.integers(1, 4, groups)).astype(np.int64)
+    index = index[rng.permutation(index.size)]
+    st = make_state(n, rng, warm=True)
+    sim = make_sim(index.size, cols, np.float32, rng, st["lambdas"], index, edge is True)
+    if edge == "one":  # a single non-finite entry in the last row
+        sim[-1, cols // 2] = np.inf
+    sim = layout(sim, kind)
+    assert sim.nbytes <= 512 << 10
+    kw = params()
+    want = reference_step(sim, index, None, st, **kw)
+    got = c_step(sim, index, None, st, 1, **kw)
+    assert_same_bytes(got, want)
+    assert want[0].any() and not want[0].all()  # the mask can disagree
+
+
 def test_isa_choices_agree():
     """All instruction sets this CPU runs give one result on a mid-size batch."""
     rng = np.random.default_rng(5)
