@@ -326,27 +326,8 @@ AVX512_ATTR static void flags_all_f32_avx512(const float *sim, int64_t R, int64_
                                             const int64_t *gid, const float *lam, uint8_t *mask,
                                             int64_t *kept)
 {
-    const __m512i one = _mm512_set1_epi8(1);
-    const int64_t n64 = M & ~(int64_t)63;
-    for (int64_t r = 0; r < R; ++r) {
-        const float *x = sim + r * rs;
-        uint8_t *out = mask + r * M;
-        const __m512 vl = _mm512_set1_ps(lam[gid[r]]);
-        int64_t f = 0;
-        for (int64_t j = 0; j < n64; j += 64) {
-            const __mmask64 k = gt64_finite(x + j, vl);
-            _mm512_storeu_si512((void *)(out + j), _mm512_maskz_mov_epi8(k, one));
-            f += popcount64(k);
-        }
-        if (n64 < M) {
-            __mmask16 ignored = 0;
-            const __mmask64 k = gt_tail(x + n64, M - n64, vl, &ignored);
-            const __mmask64 m = ((__mmask64)1 << (M - n64)) - 1;
-            _mm512_mask_storeu_epi8(out + n64, m, _mm512_maskz_mov_epi8(k, one));
-            f += popcount64(k);
-        }
-        kept[r] = M - f;
-    }
+    for (int64_t r = 0; r < R; ++r)
+        kept[r] = M - mask_flags_f32_avx512(sim + r * rs, M, lam[gid[r]], mask + r * M);
 }
 
 #undef AVX512_ATTR
