@@ -363,27 +363,30 @@ def section_b(cfg) -> list[str]:
 
 
 B_NOTES = """\
-How the step spends its time (1 thread, measured 2026-11-27 with perf, on a C driver that calls \
-the kernel without Python, and on builds with parts of the kernel stubbed out). The kernel \
-counts a batch of groups' rows while it writes the flags of the previous batch's rows, which \
-are still in L1, in one loop, then updates the batch's λ together (docs/algorithm.md). At \
-B = 512 (4 MiB, in L3) that loop is about two thirds of the step: it reads the counted row at \
-about the bound's rate and runs ~46 instructions per 64 entries of each row. The λ updates \
-cost ~7 µs (a build whose update only stored was that much faster): each is a chain of \
-divisions and a square root of ~100 cycles, and the core cannot run far enough ahead of it. \
-Grouping the rows by index costs ~2 µs, the binding ~2 µs. At B = 128 the matrix is in L2, \
-the same loop runs at ~2.3x the time of numpy.max's own loop, and the fixed costs (argument \
-checks, the outputs, the grouping: ~1.7 µs for a 2 x 2 step) weigh as much as half a read: \
-with two comparisons per entry the 2x target is out of reach at that size. The bound is \
-itself bimodal here: numpy.max takes 38 or 46 µs at B = 512 from one process to the next.
+How the step spends its time (1 thread, measured 2026-11-27 with perf, with rdtsc inside the \
+kernel, and on builds with parts stubbed out). At B = 512 (4 MiB, in L3) the kernel counts a \
+batch of groups' rows while it writes the flags of the previous batch's rows, which are still \
+in L1, in one loop, then updates the batch's λ together (docs/algorithm.md); that loop is \
+about two thirds of the step and reads the counted row at about the bound's rate. The λ \
+updates cost ~5-7 µs (Adam's divisions and square root: with plain SGD the step is ~5 µs \
+shorter), the grouping ~2 µs. At B = 128 (256 KiB, in L2) the matrix takes a path of its own \
+(two whole-matrix passes in memory order: counts, all updates, flags). Its parts, in one \
+process: the count pass 2.3 µs, the flags 1.8, the updates 1.0, the grouping 0.5, the call \
+through the binding 0.5. Numpy's own loop reads the matrix in ~2.1 µs of the bound's 3.0 \
+(the rest is the call): with two reads and the fixed costs, the 2x target is out of reach at \
+that size.
 
-Before the batches (commit d21e9aa: one group at a time, its update between its count and \
-its mask; same machine, CPU time, medians of 5 alternating processes each): B = 128 10.1 \
-against 8.6 µs now, B = 512 88.4 against 79.8 µs; B = 2048 is memory-bound and unchanged. \
-Tried and dropped: batches of 32-48 KiB of rows (B = 512: 93 µs, the flagged rows no \
-longer in L1); a lag of 2, 4 or 8 groups between a group's count and its mask without \
-batching the updates (no change at B = 128); counting with popcounts and an FMA test for \
-non-finite entries (faster in a loop alone, 2-8% slower in the step)."""
+Changes measured since the previous run (CPU time, medians of 4-6 alternating processes, each \
+checkout's own build): a one-thread call no longer enters an OpenMP region, which made a futex \
+system call every time, and the binding parses its own arguments (a keyword argument made and \
+hashed a str per name): together B = 128 8.3 -> 7.2 µs and a 2 x 2 step 1.85 -> 0.57 µs. The \
+two-pass path for small matrices: B = 64 3.09 -> 2.74 µs, B = 128 7.26 -> 6.95, B = 180 \
+14.7 -> 14.1. Tried and dropped this time: Adam's arithmetic for a batch of 8 groups in \
+AVX-512 lanes (B = 128 7.8 -> 8.3 µs, B = 512 80 -> 87: a vector division of doubles costs \
+more here than 8 scalar ones, and the lanes are filled through memory); a 64-byte aligned \
+mask (no change); software prefetch in the small-matrix passes (no change). Before: batches of \
+32-48 KiB of rows (the flagged rows no longer in L1), a lag between a group's count and its \
+mask without batching the updates, counting with popcounts in the batched loop."""
 
 
 @section("d", "Threshold step against the data-set size N")
