@@ -192,7 +192,10 @@ int64_t glofnd_internal_chunk_groups(int64_t groups, int nt)
 }
 
 /* O(R) grouping with an open-addressing table; group ids follow first appearance, which keeps
- * the layout deterministic (and any layout would give the same bytes). */
+ * the layout deterministic (and any layout would give the same bytes). Two layouts are common
+ * and skip work: the second half of the rows repeating the first (two views: only the first
+ * half is hashed) and, among the rows hashed, no index seen twice (then the order is known
+ * without sorting). Both give the layout of the general case. */
 int glofnd_internal_group_rows(const int64_t *index, int64_t rows, glofnd_grouping *g)
 {
     int64_t cap = 16;
@@ -207,8 +210,12 @@ int glofnd_internal_group_rows(const int64_t *index, int64_t rows, glofnd_groupi
     for (int64_t h = 0; h < cap; ++h)
         keys[h] = -1;
 
+    const int64_t half = rows / 2;
+    const int views = rows >= 2 && rows % 2 == 0 &&
+                      memcmp(index, index + half, sizeof(int64_t) * (size_t)half) == 0;
+    const int64_t hashed = views ? half : rows;
     int64_t ng = 0;
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < hashed; ++r) {
         const uint64_t key = (uint64_t)index[r];
         uint64_t h = (key * UINT64_C(0x9E3779B97F4A7C15)) >> 20;
         for (;; ++h) {
@@ -223,17 +230,33 @@ int glofnd_internal_group_rows(const int64_t *index, int64_t rows, glofnd_groupi
         }
         gid[r] = ids[h];
     }
-    /* counting sort of rows by group id; starts reuses the table memory's tail */
-    memset(starts, 0, sizeof(int64_t) * (size_t)(ng + 1));
-    for (int64_t r = 0; r < rows; ++r)
-        starts[gid[r] + 1]++;
-    for (int64_t k = 0; k < ng; ++k)
-        starts[k + 1] += starts[k];
-    for (int64_t r = 0; r < rows; ++r)
-        order[starts[gid[r]]++] = r;
-    for (int64_t k = ng; k > 0; --k)
-        starts[k] = starts[k - 1];
-    starts[0] = 0;
+    if (ng == hashed) { /* group k is row k, with row k + half for two views */
+        for (int64_t k = 0; k < ng; ++k) {
+            starts[k] = views ? 2 * k : k;
+            if (views) {
+                order[2 * k] = k;
+                order[2 * k + 1] = k + half;
+                gid[k + half] = k;
+            } else {
+                order[k] = k;
+            }
+        }
+        starts[ng] = rows;
+    } else {
+        for (int64_t r = hashed; r < rows; ++r)
+            gid[r] = gid[r - half];
+        /* counting sort of rows by group id */
+        memset(starts, 0, sizeof(int64_t) * (size_t)(ng + 1));
+        for (int64_t r = 0; r < rows; ++r)
+            starts[gid[r] + 1]++;
+        for (int64_t k = 0; k < ng; ++k)
+            starts[k + 1] += starts[k];
+        for (int64_t r = 0; r < rows; ++r)
+            order[starts[gid[r]]++] = r;
+        for (int64_t k = ng; k > 0; --k)
+            starts[k] = starts[k - 1];
+        starts[0] = 0;
+    }
 
     g->block = block;
     g->order = order;

@@ -246,6 +246,33 @@ def test_small_matrices_match_reference(isa, cols, kind, edge):
     assert want[0].any() and not want[0].all()  # the mask can disagree
 
 
+@pytest.mark.parametrize("layout_kind", ["views", "views-repeats", "distinct", "repeats",
+                                         "odd", "one-index"])
+@pytest.mark.parametrize("cols", [7, 200])
+def test_row_groupings_match_reference(isa, layout_kind, cols):
+    """The grouping of rows by index has shortcuts for two views (the second half of the rows
+    repeating the first: only the first half is hashed) and for indices all distinct (no sort):
+    each layout, with and without repeats inside the first half, gives the reference's bytes on
+    1 and 2 threads."""
+    rng = np.random.default_rng(11)
+    n, b = 500, 40
+    idx = rng.choice(n, b, replace=False)
+    index = {
+        "views": np.concatenate([idx, idx]),
+        "views-repeats": np.concatenate([idx[:b // 2], idx[:b // 2]] * 2),
+        "distinct": idx,
+        "repeats": rng.choice(idx[:10], 2 * b),
+        "odd": np.concatenate([idx, idx, idx[:1]]),
+        "one-index": np.full(6, idx[0]),
+    }[layout_kind].astype(np.int64)
+    st = make_state(n, rng, warm=True)
+    sim = make_sim(index.size, cols, np.float32, rng, st["lambdas"], index, edge=False)
+    kw = params()
+    want = reference_step(sim, index, None, st, **kw)
+    for threads in (1, 2):
+        assert_same_bytes(c_step(sim, index, None, st, threads, **kw), want)
+
+
 def test_isa_choices_agree():
     """All instruction sets this CPU runs give one result on a mid-size batch."""
     rng = np.random.default_rng(5)
