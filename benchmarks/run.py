@@ -376,7 +376,7 @@ process (rdtsc inside the kernel, before its state prefetch was dropped): the co
 the call through the binding 0.5, the grouping 0.2. Numpy's own loop reads the matrix in \
 ~2.1 µs of the bound's 3.0 (the rest is the call), and a count or flags pass alone runs at \
 that rate in a C loop on hot data (1.3-1.7 µs): with two reads, the updates and the fixed \
-costs the step sits at about 2x the bound at that size.
+costs the step sits just under 2x the bound at that size.
 
 Changes measured since the previous run (CPU time, medians of 4-6 alternating processes, each \
 checkout's own build): a one-thread call no longer enters an OpenMP region, which made a futex \
@@ -385,7 +385,8 @@ hashed a str per name): together B = 128 8.3 -> 7.2 µs and a 2 x 2 step 1.85 ->
 two-pass path for small matrices: B = 64 3.09 -> 2.74 µs, B = 128 7.26 -> 6.95, B = 180 \
 14.7 -> 14.1; without its own prefetch of the state, B = 128 6.62 -> 6.23. Grouping the \
 rows with shortcuts for two views and for distinct indices (no sort): B = 128 6.80 -> 6.53 \
-µs, B = 512 80.9 -> 76.7. Tried and dropped this time: all of a small matrix's Adam updates in \
+µs, B = 512 80.9 -> 76.7. The count pass of small matrices loading each vector once (GCC \
+had loaded each twice): B = 128 5.96 -> 5.61 µs. Tried and dropped this time: all of a small matrix's Adam updates in \
 AVX-512 lanes, the state gathered into arrays first (B = 128 6.10 -> 6.01 µs, within noise); Adam's arithmetic for a batch of 8 groups in \
 AVX-512 lanes (B = 128 7.8 -> 8.3 µs, B = 512 80 -> 87: a vector division of doubles costs \
 more here than 8 scalar ones, and the lanes are filled through memory); a 64-byte aligned \
