@@ -273,6 +273,31 @@ def test_row_groupings_match_reference(isa, layout_kind, cols):
         assert_same_bytes(c_step(sim, index, None, st, threads, **kw), want)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 4, 15])
+@pytest.mark.parametrize("cols", [3, 70, 1100])
+def test_unaligned_sim_matches_reference(isa, offset, cols):
+    """A sim that does not start on a 64-byte boundary (offset floats past one, as NumPy's
+    16-byte alignment often leaves it): the batched kernel takes the entries before the first
+    boundary apart (csrc/rows_avx512.h, head_floats), which must give the reference's bytes,
+    also when a row is shorter than that head. The non-finite entries send these small
+    matrices from the whole-matrix path to the batched kernel, the one tested here."""
+    rng = np.random.default_rng(offset * 1000 + cols)
+    n, b = 300, 24
+    idx = rng.choice(n, b, replace=False)
+    index = np.concatenate([idx, idx]).astype(np.int64)
+    st = make_state(n, rng, warm=True)
+    dense = make_sim(index.size, cols, np.float32, rng, st["lambdas"], index, edge=True)
+    buf = np.empty(dense.size + 64, np.float32)
+    start = (-(buf.ctypes.data // 4)) % 16 + offset
+    sim = buf[start:start + dense.size].reshape(dense.shape)
+    sim[...] = dense
+    assert sim.ctypes.data % 64 == 4 * offset
+    kw = params()
+    want = reference_step(dense, index, None, st, **kw)
+    for threads in (1, 2):
+        assert_same_bytes(c_step(sim, index, None, st, threads, **kw), want)
+
+
 def test_isa_choices_agree():
     """All instruction sets this CPU runs give one result on a mid-size batch."""
     rng = np.random.default_rng(5)
