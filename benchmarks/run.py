@@ -386,7 +386,11 @@ two-pass path for small matrices: B = 64 3.09 -> 2.74 µs, B = 128 7.26 -> 6.95,
 14.7 -> 14.1; without its own prefetch of the state, B = 128 6.62 -> 6.23. Grouping the \
 rows with shortcuts for two views and for distinct indices (no sort): B = 128 6.80 -> 6.53 \
 µs, B = 512 80.9 -> 76.7. The count pass of small matrices loading each vector once (GCC \
-had loaded each twice): B = 128 5.96 -> 5.61 µs. Tried and dropped this time: all of a small matrix's Adam updates in \
+had loaded each twice): B = 128 5.96 -> 5.61 µs. A sim that NumPy aligned to 16 bytes only \
+(this benchmark's is aligned to 64) made every load of the batched loop read two lines: \
+B = 512 78 -> 92 µs; the loop now takes the entries before the first boundary apart, 86 µs. \
+Tried and dropped this time: the same for the small-matrix passes (the aligned B = 128 step \
+5.67 -> 6.01 µs); all of a small matrix's Adam updates in \
 AVX-512 lanes, the state gathered into arrays first (B = 128 6.10 -> 6.01 µs, within noise); Adam's arithmetic for a batch of 8 groups in \
 AVX-512 lanes (B = 128 7.8 -> 8.3 µs, B = 512 80 -> 87: a vector division of doubles costs \
 more here than 8 scalar ones, and the lanes are filled through memory); a 64-byte aligned \
