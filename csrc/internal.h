@@ -55,10 +55,10 @@ float glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above, int
 #define GLOFND_BATCH_BYTES ((int64_t)16 << 10)
 int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t groups);
 
-/* Groups per chunk that nt threads take in turn: all of them for one thread; else about four
- * chunks per thread, of 16 groups at least. Each chunk is one pipeline of batches, whose first
- * and last batches run their passes alone: with 2 threads, chunks of 16 groups took 2-8%
- * longer at B = 512 (two runs) and 4% at B = 2048. */
+/* Groups per chunk that nt > 1 threads take in turn: about four chunks per thread, of 16
+ * groups at least (one thread runs all groups as one pipeline). Each chunk is one pipeline of
+ * batches, whose first and last batches run their passes alone: with 2 threads, chunks of 16
+ * groups took 2-8% longer at B = 512 (two runs) and 4% at B = 2048. */
 int64_t glofnd_internal_chunk_groups(int64_t groups, int nt);
 
 /* Groups to take from group k of [.., end), at most `most` (a batch or a chunk): 0 past the

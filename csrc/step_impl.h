@@ -217,18 +217,15 @@ ISA_ATTR static inline void FN(mask_counted_row)(const T *sim, const glofnd_batc
         *kept = FN(mask_row)(sim, b, r, lam, mask);
 }
 
-/* Counts the rows of one group against lam: each row's valid count into kept, the pooled
- * counts into *above and *nvalid. */
-ISA_ATTR static void FN(count_rows)(const T *sim, const glofnd_batch *b, const int64_t *rows,
-                                    int64_t nrows, T lam, int64_t *above, int64_t *nvalid,
-                                    int64_t *kept)
+/* Counts row r against lam: its valid count into kept[r], the counts added to *above and
+ * *nvalid (its group's). */
+ISA_ATTR static void FN(count_kept_row)(const T *sim, const glofnd_batch *b, int64_t r, T lam,
+                                        int64_t *above, int64_t *nvalid, int64_t *kept)
 {
-    for (int64_t q = 0; q < nrows; ++q) {
-        int64_t row_valid = 0;
-        FN(count_row)(sim, b, rows[q], lam, above, &row_valid);
-        *nvalid += row_valid;
-        kept[rows[q]] = row_valid;
-    }
+    int64_t row_valid = 0;
+    FN(count_row)(sim, b, r, lam, above, &row_valid);
+    *nvalid += row_valid;
+    kept[r] = row_valid;
 }
 
 /* Counts row rc against lam (its valid count into kept, the counts added to *above and
@@ -249,7 +246,7 @@ ISA_ATTR static inline void FN(count_mask_row)(const T *sim, const glofnd_batch 
         kept[rm] = M - flagged;
         return;
     }
-    FN(count_rows)(sim, b, &rc, 1, lam, above, nvalid, kept);
+    FN(count_kept_row)(sim, b, rc, lam, above, nvalid, kept);
     FN(mask_counted_row)(sim, b, rm, lam1, mask, kept + rm);
 }
 
@@ -305,7 +302,7 @@ ISA_ATTR static void FN(run_groups)(const void *sim_v, const glofnd_batch *b, gl
                                    order[mq], (T)lam1[ml], mask, kept);
                 ++mq;
             } else {
-                FN(count_rows)(sim, b, order + q, 1, (T)lam[l], &above[l], &nvalid[l], kept);
+                FN(count_kept_row)(sim, b, order[q], (T)lam[l], &above[l], &nvalid[l], kept);
             }
         }
         for (; mq < mend; ++mq) {

@@ -185,8 +185,6 @@ int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t gr
 
 int64_t glofnd_internal_chunk_groups(int64_t groups, int nt)
 {
-    if (nt <= 1)
-        return groups > 1 ? groups : 1;
     const int64_t per = (groups + 4 * (int64_t)nt - 1) / (4 * (int64_t)nt);
     return per > 16 ? per : 16;
 }
@@ -230,18 +228,19 @@ int glofnd_internal_group_rows(const int64_t *index, int64_t rows, glofnd_groupi
         }
         gid[r] = ids[h];
     }
-    if (ng == hashed) { /* group k is row k, with row k + half for two views */
+    if (ng == hashed && views) { /* group k: rows k and k + half */
         for (int64_t k = 0; k < ng; ++k) {
-            starts[k] = views ? 2 * k : k;
-            if (views) {
-                order[2 * k] = k;
-                order[2 * k + 1] = k + half;
-                gid[k + half] = k;
-            } else {
-                order[k] = k;
-            }
+            starts[k] = 2 * k;
+            order[2 * k] = k;
+            order[2 * k + 1] = k + half;
+            gid[k + half] = k;
         }
         starts[ng] = rows;
+    } else if (ng == hashed) { /* group k: row k */
+        for (int64_t k = 0; k <= ng; ++k)
+            starts[k] = k;
+        for (int64_t r = 0; r < rows; ++r)
+            order[r] = r;
     } else {
         for (int64_t r = hashed; r < rows; ++r)
             gid[r] = gid[r - half];
@@ -316,20 +315,28 @@ typedef void (*group_fn)(const void *sim, const glofnd_batch *b, glofnd_state *s
 #undef T
 #undef ISA_ATTR
 
+/* Matrices of at most this many bytes take flat_step_f32 (with one thread): they fit in L2
+ * twice over on current cores, so its second read comes from there. */
+#define GLOFND_FLAT_BYTES ((int64_t)512 << 10)
+
 /* The step on a small dense float32 matrix, single-threaded, with AVX-512. The pipeline of
  * run_groups pays per row (calls, a reduction, a test: ~13 ns a row at B = 128, measured on
  * rows of 16 entries), which on short rows weighs as much as the rows' own work. Here the
  * matrix, which fits in L2, is read twice in memory order (count_all_f32_avx512, then
  * flags_all_f32_avx512) with all the updates in between. _C.step, CPU time, medians of 5-6
  * alternating processes: B = 64 3.09 -> 2.74 us, B = 128 7.26 -> 6.95, B = 180 14.7 -> 14.1.
- * Returns 0 without writing anything when an entry may not be finite: run_groups then does the
- * step, with its exact per-row handling. The same operations per entry and group as
+ * Returns 0 without writing anything when the matrix is not dense, too large, or the step does
+ * not update, and when an entry may not be finite: run_groups then does the step, with its exact
+ * per-row handling. The same operations per entry and group as
  * run_groups: the same bytes. */
 static int flat_step_f32(const float *sim, const glofnd_batch *b, glofnd_state *st,
                          const glofnd_params *p, const glofnd_grouping *g, uint8_t *mask,
                          int64_t *kept)
 {
     const int64_t G = g->ngroups, M = b->cols;
+    if (!p->update || b->col_stride != 1 || b->valid != NULL || M == 0 ||
+        b->rows * M > GLOFND_FLAT_BYTES / (int64_t)sizeof(float))
+        return 0;
     int64_t *above = g->scratch;
     float *lam = (float *)(above + G), *lam1 = lam + G;
     /* no prefetch of the state here: run_step prefetches it when it is large, and on a state
@@ -447,14 +454,11 @@ GLOFND_NOINLINE void glofnd_internal_prefetch_state(const glofnd_state *st, int6
     GLOFND_PREFETCH_W(&GLOFND_STEPS(st, i));
 }
 
-/* The whole step on small matrices (flat_step_f32), or 0 when it does not apply. */
+/* The whole step on small matrices (flat_step_f32): 0, with nothing written, when it does not
+ * apply. */
 typedef int (*flat_fn)(const float *sim, const glofnd_batch *b, glofnd_state *st,
                        const glofnd_params *p, const glofnd_grouping *g, uint8_t *mask,
                        int64_t *kept);
-
-/* Matrices of at most this many bytes take flat_step_f32 (with one thread): they fit in L2
- * twice over on current cores, so its second read comes from there. */
-#define GLOFND_FLAT_BYTES ((int64_t)512 << 10)
 
 static int run_step(group_fn fn, flat_fn flat, const void *sim, const glofnd_batch *b,
                     glofnd_state *st, const glofnd_params *p, uint8_t *mask, int64_t *kept)
@@ -474,9 +478,7 @@ static int run_step(group_fn fn, flat_fn flat, const void *sim, const glofnd_bat
                                                  GLOFND_MIN_WORK_PER_THREAD, ngroups);
     /* one thread runs its groups as one pipeline, without an OpenMP region (internal.h,
      * glofnd_internal_threads_for); several take chunks of them */
-    if (nt == 1 && flat != NULL && p->update && b->col_stride == 1 && b->valid == NULL &&
-        b->cols > 0 && b->rows * b->cols <= GLOFND_FLAT_BYTES / (int64_t)sizeof(float) &&
-        flat((const float *)sim, b, st, p, &g, mask, kept)) {
+    if (nt == 1 && flat != NULL && flat((const float *)sim, b, st, p, &g, mask, kept)) {
         /* done */
     } else if (nt == 1) {
         fn(sim, b, st, p, &g, 0, ngroups, mask, kept);
