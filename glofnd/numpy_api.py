@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._checks import _is_int, _real
+from ._checks import _is_int, _real, check_state_fits
 
 try:
     from . import _C
@@ -79,12 +79,16 @@ def _check_batch(sim, index, valid, n: int) -> None:
 
 def init_state(num_samples: int, init_lambda: float = 1.0) -> dict:
     """A fresh state: ``lambdas`` (N,) float32 at ``init_lambda``, zero Adam moments
-    ``exp_avg``/``exp_avg_sq`` (N,) float32 and update counts ``steps`` (N,) int32."""
+    ``exp_avg``/``exp_avg_sq`` (N,) float32 and update counts ``steps`` (N,) int32.
+
+    Raises a MemoryError naming ``num_samples`` when those 16 bytes a sample are more than this
+    machine's memory and swap together, or cannot be allocated."""
     if not _is_int(num_samples):
         raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
     if not 0 < num_samples <= np.iinfo(np.intp).max // 4:
         raise ValueError(f"num_samples must be > 0 and addressable, got {num_samples}")
     init = _real("init_lambda", init_lambda, -_F32, _F32, False, False)
+    check_state_fits(num_samples, num_samples)
     try:
         return {
             "lambdas": np.full(num_samples, init, dtype=np.float32),

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from . import _ops
 from ._checks import _real as _check_real
+from ._checks import check_state_fits
 from . import distributed as _dist
 from .reference import ADAM, SGD
 
@@ -115,6 +116,10 @@ class GloFND(nn.Module):
             module wrote last still hold its values, and raise a RuntimeError if another writer
             (DDP's buffer broadcast) replaced them.
 
+    Raises:
+        TypeError / ValueError naming the argument; MemoryError naming ``num_samples`` when the
+        state (16 bytes a sample) is more than this machine's memory and swap together.
+
     Shapes: ``sim`` (R, M) cosines of R rows against M columns, any float dtype (float16 and
     bfloat16 are compared in float32); ``index`` (R,) integer data-set ids of the rows' anchors,
     repeated ids allowed (pooled into one update); ``valid`` (R, M) bool or None (all valid).
@@ -189,6 +194,7 @@ class GloFND(nn.Module):
         if self.distributed == "sharded":  # (rank, world size) fixed at construction
             self.shard = _dist.world(process_group)
             size = _dist.shard_size(num_samples, *self.shard)
+        check_state_fits(num_samples, size)
         block = _interleaved(size)
         block[0].fill_(init)
         for (name, _), view in zip(_STATE, block):

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from glofnd import _ops, numpy_api, reference
+import glofnd
+from glofnd import _checks, _ops, numpy_api, reference
 
 C = _ops._C
 needs_c = pytest.mark.skipif(C is None, reason="C extension not built")
@@ -228,11 +229,48 @@ def test_fuzz_init_state(call):
     _fuzz(numpy_api.init_state, kwargs, [])
 
 
-def test_init_state_too_large_for_memory():
-    """Addressable but not allocatable (64 TiB of state): MemoryError naming num_samples, at
-    once (nothing is written before the allocation fails)."""
-    with pytest.raises(MemoryError, match="num_samples"):
+def test_init_state_too_large_for_memory(monkeypatch):
+    """Addressable but more than the machine holds (64 TiB of state): a MemoryError naming
+    num_samples, before anything is allocated, from both the NumPy and the torch layer. The
+    guard does not rely on the allocation failing: where the kernel overcommits, the allocation
+    succeeds and filling λ would get the process killed."""
+    for make in (numpy_api.init_state, glofnd.GloFND):
+        with pytest.raises(MemoryError, match=r"num_samples=4398046511104 .*memory and swap"):
+            make(2**42)
+    # the limit is this machine's memory and swap: with 1 MiB of it, 10^5 samples (1.6 MB) fail
+    # and 10^4 (160 kB) fit
+    monkeypatch.setattr(_checks, "_memory_bytes", lambda: 2**20)
+    for make in (numpy_api.init_state, glofnd.GloFND):
+        with pytest.raises(MemoryError, match="num_samples=100000"):
+            make(10**5)
+    assert numpy_api.init_state(10**4)["lambdas"].shape == (10**4,)
+    assert glofnd.GloFND(10**4).lambdas.shape == (10**4,)
+
+
+def test_init_state_allocation_failure(monkeypatch):
+    """Where the platform does not say how much memory it has, an allocation that fails still
+    gives the MemoryError naming num_samples."""
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            if f.read().strip() == "1":
+                pytest.skip("the kernel grants every allocation here (vm.overcommit_memory=1)")
+    except OSError:
+        pass
+    monkeypatch.setattr(_checks, "_memory_bytes", lambda: None)
+    with pytest.raises(MemoryError, match="num_samples=4398046511104 .*can be allocated"):
         numpy_api.init_state(2**42)
+
+
+def test_memory_bytes_reads_this_machine():
+    """The limit the guard uses: physical memory plus swap, as /proc/meminfo has them (Linux;
+    MemTotal leaves out what the kernel reserved for itself, a few percent at most)."""
+    have = _checks._memory_bytes()
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    except OSError:
+        pytest.skip("no /proc/meminfo")
+    assert have == pytest.approx(info["MemTotal"] + info.get("SwapTotal", 0), rel=0.05)
 
 
 @needs_c
