@@ -32,5 +32,5 @@ cp docs/benchmarks.md "$out/benchmarks.md"
 echo "== the whole test suite on this machine's torch (the CPU path on another torch version)"
 par=""
 if $py -c "import xdist" 2>/dev/null; then par="-n 8"; fi  # 16 cores there; the suite is xdist-safe
-timeout "${SUITE_TIMEOUT:-240}" $py -m pytest tests -q -p no:cacheprovider -p no:logging $par \
+timeout "${SUITE_TIMEOUT:-240}" $py -m pytest tests -q -p no:cacheprovider -p no:logging -p no:benchmark $par \
     --deselect tests/test_install.py -rfE --tb=short 2>&1 | tee "$out/suite.log" | tail -40

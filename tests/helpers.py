@@ -1,13 +1,26 @@
 """Shared test helpers: random states and batches, and the independent float64 oracle."""
 from __future__ import annotations
 
+import importlib
+import os
+
 import numpy as np
+import pytest
 import torch
 
 from glofnd import _ops
 
 STATE_KEYS = ("lambdas", "exp_avg", "exp_avg_sq", "steps")
 HYPER = dict(alpha=0.1, lr=0.05, beta1=0.9, beta2=0.98, eps=1e-8, lo=-1.0, hi=1.0)
+
+
+def import_peer(module: str):
+    """Imports a peer library that a test compares against (it is in the ``test`` extra).
+    Skips where it is not installed, unless GLOFND_REQUIRE_PEERS is set (CI sets it): there a
+    broken test install fails rather than skipping the comparison."""
+    if os.environ.get("GLOFND_REQUIRE_PEERS"):
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
 
 
 def random_state(n: int, seed: int) -> dict:
