@@ -612,10 +612,17 @@ def section_c(cfg) -> list[str]:
 
 CUDA_LOSS_NOTES = """How the loss step runs on a GPU: the losses run glofnd's pure-torch \
 reference there (no custom kernels), so a step is a sequence of small torch operations, and up \
-to B = 4096 their launch from Python (about 10-20 µs of host time each on the machine below) \
+to B = 4096 their launch from Python (about 10-20 µs of host time each on this machine) \
 costs more than their work on the GPU: the `none` column hardly grows from B = 256 to 4096. \
 GloFND adds the operations of the last column (the counts against λ, the grouping by index, \
 Adam, the mask and the kept counts, and the mask's use in the loss and its backward). The overhead is that launch cost, not memory traffic.
+
+The run before this one (2026-11-27 03:11 UTC, the same kind of card, the code before commit \
+95ad20d) measured simclr +93.5% / +94.8% / +62.7%, sogclr +57.3% / +64.3% / +53.2%, clip \
++137.6% / +174.3% / +158.9% at B = 256 / 1024 / 4096. Since then the reference dispatches \
+fewer operations (one table gather for both bias corrections, grouping by sort + searchsorted, \
+kept = valid - flagged from the counts it already has, validity as |s| < inf) and λ's step no \
+longer reads the index range a second time inside the losses.
 
 Before the reference path was freed of host synchronisation (commit 7b10989, an H100 80GB HBM3 \
 of the same kind, 2026-11-27 02:58 UTC, same command), the overheads were: simclr +187.5% / \
