@@ -409,17 +409,17 @@ def _fused_forward_cpu(sim, positive, own, index, lambdas, exp_avg, exp_avg_sq, 
     state = (lambdas, exp_avg, exp_avg_sq, steps)
     return fused_forward_c(sim, positive, own, index, state,
                            _state_views(*state, None), scale, kind, per_row, ratio,
-                           (alpha, lr, beta1, beta2, eps, lo, hi, optimizer), step, update)
+                           (alpha, lr, beta1, beta2, eps, lo, hi, optimizer, step), update)
 
 
 def fused_forward_c(sim, positive, own, index, state, views, scale, kind, per_row, ratio, hyper,
-                    step, update):
+                    update):
     """The C kernel of :data:`fused_forward` on CPU tensors, for callers that made the checks of
     :func:`_direct` and hold NumPy ``views`` of the four ``state`` tensors; ``hyper`` = (alpha,
-    lr, beta1, beta2, eps, lo, hi, optimizer)."""
+    lr, beta1, beta2, eps, lo, hi, optimizer, step)."""
     out0, out1, kept, thr = _C.fused_forward(
         sim.numpy(), positive.numpy(), None if own is None else own.numpy(), index.numpy(),
-        *views, scale, kind, per_row, ratio, *hyper, step, update, torch.get_num_threads())
+        *views, scale, kind, per_row, ratio, *hyper, update, torch.get_num_threads())
     if update:  # the kernel wrote through the buffers' memory: tell autograd
         torch.autograd.graph.increment_version(state)
     out0 = torch.from_numpy(out0)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import operator
 import threading
 from typing import Optional, Union
 
@@ -20,7 +19,6 @@ _OPTIMIZERS = {"adam": ADAM, "sgd": SGD}
 _STATE = (("lambdas", torch.float32), ("exp_avg", torch.float32),
           ("exp_avg_sq", torch.float32), ("steps", torch.int32))
 _BIAS_CORRECTION = ("sample", "epoch")
-_SHAPE = operator.attrgetter("shape")
 
 
 def _interleaved(size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -200,6 +198,24 @@ class GloFND(nn.Module):
         for (name, _), view in zip(_STATE, block):
             self.register_buffer(name, view)
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        self.__dict__["_hyper"] = None  # any attribute may be a hyper-parameter: made again
+
+    def _hyper_args(self) -> tuple:
+        """``(alpha, lr, beta1, beta2, eps, lo, hi, optimizer, t)`` as the C kernels take them
+        (t: Adam's step count, 0 for the per-sample counts). Kept in eager calls until an
+        attribute is set (:meth:`__setattr__`): building it reads nine attributes, which costs
+        more in a training step than the kernels' own extra work."""
+        hyper = None if torch.compiler.is_compiling() else self.__dict__.get("_hyper")
+        if hyper is None:
+            hyper = (self.alpha, self.lr, self.betas[0], self.betas[1], self.eps, self.clamp[0],
+                     self.clamp[1], _OPTIMIZERS[self.optimizer],
+                     self.epoch + 1 if self.bias_correction == "epoch" else 0)
+            if not torch.compiler.is_compiling():
+                self.__dict__["_hyper"] = hyper
+        return hyper
+
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch used by ``bias_correction="epoch"`` (t = epoch + 1)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
@@ -220,11 +236,11 @@ class GloFND(nn.Module):
         """:meth:`step`; ``check_index`` False leaves out the reference path's index range
         check (a host sync on accelerators), for the losses, which check it themselves unless
         their user turned ``check_index`` off. The C kernel checks it always."""
-        step = self.epoch + 1 if self.bias_correction == "epoch" else 0
+        hyper = self._hyper_args()
         if self._multi_process():
             if not isinstance(update, (bool, np.bool_)):
                 raise TypeError(f"update must be a bool, got {type(update).__name__}")
-            return _dist.step(self, sim, index, valid, bool(update), step)
+            return _dist.step(self, sim, index, valid, bool(update), hyper[-1])
         # the index range is checked by the op's kernels (C and reference), which keeps this
         # path free of data-dependent Python and traceable by torch.compile
         check_batch(sim, index, valid, self.num_samples, check_index=False)
@@ -239,9 +255,7 @@ class GloFND(nn.Module):
             sim = sim.float()
         if index.dtype != torch.int64:
             index = index.to(torch.int64)
-        args = (sim, index, valid, *state, self.alpha, self.lr, self.betas[0],
-                self.betas[1], self.eps, self.clamp[0], self.clamp[1],
-                _OPTIMIZERS[self.optimizer], step, bool(update), bool(check_index))
+        args = (sim, index, valid, *state, *hyper, bool(update), bool(check_index))
         if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
             return _ops.threshold_step(*args)
         if _dist.guard_active(self):  # multi-process run: was the state replaced since?
@@ -255,7 +269,9 @@ class GloFND(nn.Module):
                 return out
         with self._lock:  # one state, one writer: concurrent calls on it are serialised
             if views is not None and _ops._direct(sim, index, valid):
-                return _ops._threshold_step_cpu(*args, views=views)  # eager: the kernel itself
+                out = _ops._threshold_step_cpu(*args, views=views)  # eager: the kernel itself
+                self._wrote()
+                return out
             return _ops.threshold_step(*args)
 
     def _fused_forward(self, sim: Tensor, index: Tensor, positive: Tensor,
@@ -265,16 +281,19 @@ class GloFND(nn.Module):
         :meth:`step` (when ``update``; the rows' own column and positive excluded by index, no
         mask made) and the loss's forward in one pass. The arguments are the losses' own, already
         checked; one process only (the losses take :meth:`step` otherwise)."""
-        step = self.epoch + 1 if self.bias_correction == "epoch" else 0
-        hyper = (self.alpha, self.lr, self.betas[0], self.betas[1], self.eps, self.clamp[0],
-                 self.clamp[1], _OPTIMIZERS[self.optimizer])
-        state, views = self._state_for_kernels()
-        if views is not None and _ops._direct(sim, positive, own, index):
-            with self._lock:  # eager on the CPU: the kernel itself, without the op's layers
-                return _ops.fused_forward_c(sim, positive, own, index, state, views, scale, kind,
-                                            per_row, True, hyper, step, bool(update))
-        args = (sim, positive, own, index, *state, scale, kind, per_row, True, *hyper, step,
-                bool(update))
+        if _ops._direct(sim, positive, own, index):  # eager: the kernel itself, if on the CPU
+            state, views = self._state_for_kernels(eager=True)
+            if views is not None:
+                hyper = self.__dict__.get("_hyper") or self._hyper_args()
+                with self._lock:
+                    out = _ops.fused_forward_c(sim, positive, own, index, state, views, scale,
+                                               kind, per_row, True, hyper, update)
+                    if update:
+                        self._wrote()
+                    return out
+        state, _ = self._state_for_kernels()
+        args = (sim, positive, own, index, *state, scale, kind, per_row, True,
+                *self._hyper_args(), bool(update))
         if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
             return _ops.fused_forward(*args)
         with self._lock:
@@ -321,35 +340,50 @@ class GloFND(nn.Module):
                                  f"{device}")
         return state
 
-    def _state_for_kernels(self) -> tuple[tuple[Tensor, ...], Optional[tuple[np.ndarray, ...]]]:
+    def _state_for_kernels(self, eager: bool = False
+                           ) -> tuple[tuple[Tensor, ...], Optional[tuple[np.ndarray, ...]]]:
         """``(buffers, views)``: the checked buffers, and NumPy views of their memory where the
         call will run the C kernels directly (eager, state on the CPU, extension in use), else
-        None (traced code must not read addresses or make arrays).
+        None (traced code must not read addresses or make arrays). ``eager``: the caller knows
+        that it is not being traced (it asked :func:`glofnd._ops._direct`).
 
         The views are kept between calls while the four buffers stay the same objects at the
-        same addresses, shapes and strides, which costs about 1.5 µs per call instead of the
-        checks and four ``Tensor.numpy()`` (about 5 µs); anything that replaces a buffer
-        (``.to()``, ``_apply``, assignment) or its memory or layout (``.data =``, ``set_``,
-        ``resize_``, ``as_strided_``) makes them be built and checked again. Kept views exist
-        only for CPU buffers, so the device is looked at only when they are (re)built."""
-        if not _ops._use_c() or torch.compiler.is_compiling():
+        same addresses with the same version counters (``Tensor._version``, which every in-place
+        operation advances: ``set_``, ``resize_``, ``as_strided_`` among them; the kernels' own
+        writes are recorded by :meth:`_wrote`). That costs a few hundred nanoseconds per call
+        instead of the checks and four ``Tensor.numpy()`` (about 5 µs). Anything that replaces a
+        buffer (``.to()``, ``_apply``, assignment), its memory (``.data =``, ``set_``) or its
+        layout, or writes it in place, makes them be built and checked again; the one change
+        not seen is ``.data =`` a tensor at the same address with another layout. Kept views
+        exist only for CPU buffers, so the device is looked at only when they are (re)built."""
+        if not _ops._use_c() or not eager and torch.compiler.is_compiling():
             return self._check_state(), None
-        b = self._buffers
-        state = (b.get("lambdas"), b.get("exp_avg"), b.get("exp_avg_sq"), b.get("steps"))
         kept = self._arrays
-        if (kept is not None and all(map(operator.is_, state, kept[0]))
-                and list(map(Tensor.data_ptr, state)) == kept[2]
-                and list(map(_SHAPE, state)) == kept[3]
-                and list(map(Tensor.stride, state)) == kept[4]):
-            return kept[0], kept[1]
+        if kept is not None:
+            b = self._buffers
+            lam, m1, m2, t = state = kept[0]
+            if (b.get("lambdas") is lam and b.get("exp_avg") is m1
+                    and b.get("exp_avg_sq") is m2 and b.get("steps") is t
+                    and kept[2] == (lam._version, m1._version, m2._version, t._version)
+                    and kept[3] == (lam.data_ptr(), m1.data_ptr(), m2.data_ptr(), t.data_ptr())):
+                return state, kept[1]
         state = self._check_state()
         if state[0].device.type != "cpu":
             self._arrays = None
             return state, None
         views = tuple(t.numpy() for t in state)
-        self._arrays = (state, views, list(map(Tensor.data_ptr, state)),
-                        list(map(_SHAPE, state)), list(map(Tensor.stride, state)))
+        self._arrays = [state, views, tuple(t._version for t in state),
+                        tuple(t.data_ptr() for t in state)]
         return state, views
+
+    def _wrote(self) -> None:
+        """Records the version counters after a kernel wrote the buffers through the kept views
+        (and advanced the counters, as an in-place operation would), so that the next call
+        keeps the views. Called under the lock, right after the write."""
+        kept = self._arrays
+        if kept is not None:
+            lam, m1, m2, t = kept[0]
+            kept[2] = (lam._version, m1._version, m2._version, t._version)
 
     def forward(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
                 update: bool = True) -> Tensor:

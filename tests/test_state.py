@@ -186,6 +186,92 @@ def _twin_steps(fnd, twin, stream):
         assert torch.equal(getattr(fnd, name), getattr(twin, name)), name
 
 
+HYPER_CHANGES = [("alpha", 0.3), ("lr", 0.2), ("betas", (0.5, 0.6)), ("eps", 0.5),
+                 ("clamp", (-0.2, 0.2)), ("optimizer", "sgd"), ("bias_correction", "epoch"),
+                 ("epoch", 4)]
+
+
+@pytest.mark.parametrize("name, value", HYPER_CHANGES)
+def test_hyper_parameter_changes_take_effect(name, value):
+    """The C path keeps the kernels' hyper-parameters between calls: a change of any of them
+    (or of the epoch) applies from the next step on, as on the reference backend, which reads
+    them at every call."""
+    stream = list(batches(30, 6))
+    kw = dict(alpha=0.1, bias_correction="epoch" if name == "epoch" else "sample")
+    fnd, twin, stale = (glofnd.GloFND(30, **kw) for _ in range(3))
+    for k, (sim, idx) in enumerate(stream):
+        if k == 3:
+            for m in (fnd, twin):
+                if name == "epoch":
+                    m.set_epoch(value)
+                else:
+                    setattr(m, name, value)
+        ma, _ = fnd.step(sim, idx)
+        with glofnd.use_backend("reference"):
+            mb, _ = twin.step(sim, idx)
+        assert torch.equal(ma, mb), k
+        for key in STATE:
+            assert torch.equal(getattr(fnd, key), getattr(twin, key)), (k, key)
+    for sim, idx in stream:  # the same stream without the change ends elsewhere
+        stale.step(sim, idx)
+    assert not all(torch.equal(getattr(stale, key), getattr(fnd, key)) for key in STATE)
+
+
+@pytest.mark.parametrize("name, value", HYPER_CHANGES)
+def test_hyper_parameter_changes_reach_the_losses(name, value):
+    """The same through a loss's fused forward (λ's update rides on the loss's pass): the state
+    after a change matches the reference backend's, and differs from the state without it."""
+    gen = torch.Generator().manual_seed(1)
+    losses = [glofnd.GloFNDClipLoss(40, method="glofnd", alpha=0.05, init_lambda=0.2,
+                                    bias_correction="epoch" if name == "epoch" else "sample")
+              for _ in range(3)]
+    for k in range(5):
+        img = torch.nn.functional.normalize(torch.randn(8, 6, generator=gen), dim=1)
+        txt = torch.nn.functional.normalize(img + 0.5 * torch.randn(8, 6, generator=gen), dim=1)
+        idx = torch.randperm(40, generator=gen)[:8]
+        if k == 2:
+            for loss in losses[:2]:
+                for m in (loss.fnd_image, loss.fnd_text):
+                    if name == "epoch":
+                        m.set_epoch(value)
+                    else:
+                        setattr(m, name, value)
+        losses[0](img, txt, 10.0, idx)
+        losses[2](img, txt, 10.0, idx)
+        with glofnd.use_backend("reference"):
+            losses[1](img, txt, 10.0, idx)
+        for key in STATE:
+            for a, b in ((losses[0].fnd_image, losses[1].fnd_image),
+                         (losses[0].fnd_text, losses[1].fnd_text)):
+                torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=0, atol=0,
+                                           msg=f"{k} {key}")
+    assert not all(torch.equal(getattr(losses[0].fnd_image, key),
+                               getattr(losses[2].fnd_image, key)) for key in STATE)
+
+
+@pytest.mark.skipif(_ops._C is None, reason="C extension not built")
+def test_kept_views_are_reused_between_steps():
+    """The NumPy views of the state are made once and kept while nothing else touches the
+    buffers (the kernels' own writes are recorded), by the threshold step and by the losses'
+    fused forward alike; an in-place write from outside makes them be checked and made
+    again."""
+    fnd = glofnd.GloFND(30)
+    stream = list(batches(30, 4))
+    fnd.step(*stream[0])
+    views = fnd._arrays[1]
+    fnd.step(*stream[1])
+    assert fnd._arrays[1] is views
+    fnd.lambdas.fill_(0.5)  # in place from outside: the version counter moves
+    fnd.step(*stream[2])
+    assert fnd._arrays[1] is not views
+    loss = glofnd.GloFNDClipLoss(40, method="glofnd")
+    img = torch.nn.functional.normalize(torch.randn(8, 6), dim=1)
+    loss(img, img, 10.0, torch.arange(8))
+    views = loss.fnd_image._arrays[1], loss.fnd_text._arrays[1]
+    loss(img, img, 10.0, torch.arange(8, 16))
+    assert (loss.fnd_image._arrays[1], loss.fnd_text._arrays[1]) == views
+
+
 @pytest.mark.parametrize("change", ["data", "set_", "assign", "load", "deepcopy", "to",
                                     "as_strided_"])
 def test_kept_views_follow_the_buffers(change):
