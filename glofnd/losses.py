@@ -639,8 +639,9 @@ class GloFNDLoss(_Detector):
             col_lab = None if labels is None else torch.cat([all_labels, all_labels])
             self._start_stats(self.masking)
             scale, c = self._inv_temperature[sim.dtype]
-            per_row = self._fused("", self.fnd, sim, ids, own, positive, 2 * total - 2, scale,
-                                  self.u, 2, lab, col_lab, c)
+            per_row = self._fused("", self._modules.get("fnd"), sim, ids, own, positive,
+                                  2 * total - 2, scale, self._buffers.get("u"), 2, lab, col_lab,
+                                  c)
             return per_row.mean()
         col = torch.arange(2 * total, device=sim.device).unsqueeze(0)
         valid = (col != own.unsqueeze(1)) & (col != positive.unsqueeze(1))
@@ -793,10 +794,13 @@ class GloFNDClipLoss(_Detector):
         self._start_stats(self.masking)
         clip = self.base == "clip"
         if _ops.fused_available(sims[0]):
-            terms = [self._fused(name + "_", fnd, s.contiguous(), index, None, positive,
-                                 total - 1, scale, u, 1, labels, all_labels).mean()
-                     for name, s, fnd, u in (("image", sims[0], self.fnd_image, self.u_image),
-                                             ("text", sims[1], self.fnd_text, self.u_text))]
+            # the submodules and buffers straight from nn.Module's dicts (None where unset, as
+            # the attributes): its __getattr__ costs about a microsecond a name in a step
+            mods, bufs = self._modules, self._buffers
+            terms = [self._fused(name + "_", mods.get("fnd_" + name), s.contiguous(), index,
+                                 None, positive, total - 1, scale, bufs.get("u_" + name), 1,
+                                 labels, all_labels).mean()
+                     for name, s in (("image", sims[0]), ("text", sims[1]))]
             self._join_entries()
             return (terms[0] + terms[1]) / 2
         col = torch.arange(total, device=img.device)
