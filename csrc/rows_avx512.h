@@ -14,13 +14,14 @@
 
 #define AVX512_ATTR __attribute__((target("avx512f,avx512bw,avx512vl,popcnt")))
 
-/* The 64 floats (4 cache lines) GLOFND_PREFETCH_FLOATS ahead of x: the hardware prefetchers
- * leave a single core short of the memory bandwidth on these short row streams (measured on
- * one core: B = 2048 from 3.7 to 3.0-3.2 ms, B = 512 from ~98 to ~88 us). Past the row's end
- * this fetches the next rows, which are the next group's; a prefetch never faults. */
-static inline void prefetch_floats(const float *x)
+/* The 64 floats (4 cache lines) pf ahead of x (GLOFND_PREFETCH_FLOATS, or the batched count
+ * loop's prefetch_distance): the hardware prefetchers leave a single core short of the memory
+ * bandwidth on these short row streams (measured on one core: B = 2048 from 3.7 to 3.0-3.2 ms,
+ * B = 512 from ~98 to ~88 us). Past the row's end this fetches the next rows, which are the
+ * next group's; a prefetch never faults. */
+static inline void prefetch_floats(const float *x, int64_t pf)
 {
-    const char *p = (const char *)(x + GLOFND_PREFETCH_FLOATS);
+    const char *p = (const char *)(x + pf);
     _mm_prefetch(p, _MM_HINT_T0);
     _mm_prefetch(p + 64, _MM_HINT_T0);
     _mm_prefetch(p + 128, _MM_HINT_T0);
@@ -142,7 +143,7 @@ static void exact_row_f32(const float *x, const uint8_t *w, int64_t n, float lam
 #define COUNT64_BLOCK ((int64_t)64 << 24)
 AVX512_ATTR static inline int64_t
 count_flags_body(const float *xc, float lam, const float *xm, float lam1, uint8_t *out,
-                 int64_t n, int flags, int64_t *above, int64_t *nan)
+                 int64_t n, int64_t pf, int flags, int64_t *above, int64_t *nan)
 {
     const __m512 vc = _mm512_set1_ps(lam), vm = _mm512_set1_ps(lam1), z = _mm512_setzero_ps();
     const __m512i one = _mm512_set1_epi8(1), one32 = _mm512_set1_epi32(1);
@@ -159,7 +160,7 @@ count_flags_body(const float *xc, float lam, const float *xm, float lam1, uint8_
         const int64_t j1 = n64 - j0 < COUNT64_BLOCK ? n64 : j0 + COUNT64_BLOCK;
         __m512i c0 = _mm512_setzero_si512(), c1 = c0;
         for (int64_t j = j0; j < j1; j += 64) {
-            prefetch_floats(xc + j);
+            prefetch_floats(xc + j, pf);
             const __m512 v0 = _mm512_loadu_ps(xc + j), v1 = _mm512_loadu_ps(xc + j + 16);
             const __m512 v2 = _mm512_loadu_ps(xc + j + 32), v3 = _mm512_loadu_ps(xc + j + 48);
             f0 = _mm512_fmadd_ps(v0, z, f0);
@@ -196,7 +197,7 @@ count_flags_body(const float *xc, float lam, const float *xm, float lam1, uint8_
 AVX512_ATTR static void count_dense_f32_avx512(const float *x, int64_t n, float lam,
                                                int64_t *above, int64_t *nan)
 {
-    (void)count_flags_body(x, lam, NULL, 0.0f, NULL, n, 0, above, nan);
+    (void)count_flags_body(x, lam, NULL, 0.0f, NULL, n, GLOFND_PREFETCH_FLOATS, 0, above, nan);
 }
 
 AVX512_ATTR static void count_valid_f32_avx512(const float *x, const uint8_t *w, int64_t n,
@@ -207,7 +208,7 @@ AVX512_ATTR static void count_valid_f32_avx512(const float *x, const uint8_t *w,
     int64_t a = 0, c = 0;
     for (int64_t j = 0; j < n; j += 64) {
         const int64_t len = n - j < 64 ? n - j : 64;
-        prefetch_floats(x + j);
+        prefetch_floats(x + j, GLOFND_PREFETCH_FLOATS);
         _mm_prefetch((const char *)(w + j + GLOFND_PREFETCH_FLOATS), _MM_HINT_T0);
         const __mmask64 kv = valid_bits(w + j, len);
         const __mmask64 kg = len == 64 ? gt64(x + j, vl, &bad) : gt_tail(x + j, len, vl, &bad);
@@ -228,7 +229,7 @@ AVX512_ATTR static void mask_dense_f32_avx512(const float *x, int64_t n, float l
     __mmask16 bad = 0;
     int64_t f = 0, j = 0;
     for (; j + 64 <= n; j += 64) {
-        prefetch_floats(x + j);
+        prefetch_floats(x + j, GLOFND_PREFETCH_FLOATS);
         const __mmask64 k = gt64(x + j, vl, &bad);
         _mm512_storeu_si512((void *)(out + j), _mm512_maskz_mov_epi8(k, one));
         f += popcount64(k);
@@ -270,12 +271,13 @@ AVX512_ATTR static int64_t mask_flags_f32_avx512(const float *x, int64_t n, floa
 }
 
 /* count_dense_f32_avx512 of row xc against lam and mask_flags_f32_avx512 of row xm (all
- * finite) against lam1, in one loop (count_flags_body); returns the flagged count of xm. */
+ * finite) against lam1, in one loop (count_flags_body), prefetching xc pf floats ahead; returns
+ * the flagged count of xm. */
 AVX512_ATTR static int64_t count_flags_f32_avx512(const float *xc, float lam, const float *xm,
                                                   float lam1, uint8_t *out, int64_t n,
-                                                  int64_t *above, int64_t *nan)
+                                                  int64_t pf, int64_t *above, int64_t *nan)
 {
-    return count_flags_body(xc, lam, xm, lam1, out, n, 1, above, nan);
+    return count_flags_body(xc, lam, xm, lam1, out, n, pf, 1, above, nan);
 }
 
 AVX512_ATTR static int64_t mask_valid_f32_avx512(const float *x, const uint8_t *w, int64_t n,
@@ -287,7 +289,7 @@ AVX512_ATTR static int64_t mask_valid_f32_avx512(const float *x, const uint8_t *
     int64_t f = 0, c = 0;
     for (int64_t j = 0; j < n; j += 64) {
         const int64_t len = n - j < 64 ? n - j : 64;
-        prefetch_floats(x + j);
+        prefetch_floats(x + j, GLOFND_PREFETCH_FLOATS);
         _mm_prefetch((const char *)(w + j + GLOFND_PREFETCH_FLOATS), _MM_HINT_T0);
         const __mmask64 kv = valid_bits(w + j, len);
         const __mmask64 kg = len == 64 ? gt64(x + j, vl, &bad) : gt_tail(x + j, len, vl, &bad);

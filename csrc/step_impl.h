@@ -130,11 +130,12 @@ ISA_ATTR static inline int64_t FN(mask_flags)(const T *restrict s, int64_t cols,
 }
 
 /* count_dense of row xc against lam, then mask_flags of row xm (all finite) against lam1; the
- * AVX-512 version runs both in one loop. */
+ * AVX-512 version runs both in one loop, prefetching xc pf elements ahead. */
 ISA_ATTR static inline int64_t FN(count_flags)(const T *restrict xc, T lam, const T *restrict xm,
                                                T lam1, uint8_t *restrict out, int64_t cols,
-                                               int64_t *above, int64_t *nan)
+                                               int64_t pf, int64_t *above, int64_t *nan)
 {
+    (void)pf;
     FN(count_dense)(xc, cols, lam, above, nan);
     return FN(mask_flags)(xm, cols, lam1, out);
 }
@@ -240,7 +241,8 @@ ISA_ATTR static inline void FN(count_mask_row)(const T *sim, const glofnd_batch 
         int64_t nan = 0;
         const int64_t flagged = FN(count_flags)(sim + rc * b->row_stride, lam,
                                                 sim + rm * b->row_stride, lam1, mask + rm * M,
-                                                M, above, &nan);
+                                                M, prefetch_distance(b, sizeof(T)), above,
+                                                &nan);
         kept[rc] = M - nan;
         *nvalid += M - nan;
         kept[rm] = M - flagged;
