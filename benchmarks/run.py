@@ -396,7 +396,14 @@ AVX-512 lanes (B = 128 7.8 -> 8.3 µs, B = 512 80 -> 87: a vector division of do
 more here than 8 scalar ones, and the lanes are filled through memory); a 64-byte aligned \
 mask (no change); software prefetch in the small-matrix passes (no change). Before: batches of \
 32-48 KiB of rows (the flagged rows no longer in L1), a lag between a group's count and its \
-mask without batching the updates, counting with popcounts in the batched loop."""
+mask without batching the updates, counting with popcounts in the batched loop.
+
+Since (commit 197ce92): the batched loop prefetches 2 KiB ahead instead of 4 KiB when the \
+matrix is at most 8 MiB, so stays in L3 between steps; 4 KiB had fetched its lines too early \
+there. B = 512: 74.4 -> 73.0 and 77.1 -> 73.8 µs in two A/Bs; B = 2048 unchanged (3108 against \
+3137 µs, 5 rounds). The bound itself moves between processes: numpy.max read this 4 MiB \
+matrix in 35-36 µs in some processes and 39-45 µs in others (the same address alignment, \
+64 bytes), while the step does not move with it, so B = 512 lands on either side of 2x."""
 
 
 @section("d", "Threshold step against the data-set size N")
