@@ -402,8 +402,8 @@ Since (commit 197ce92): the batched loop prefetches 2 KiB ahead instead of 4 KiB
 matrix is at most 8 MiB, so stays in L3 between steps; 4 KiB had fetched its lines too early \
 there. B = 512: 74.4 -> 73.0 and 77.1 -> 73.8 µs in two A/Bs; B = 2048 unchanged (3108 against \
 3137 µs, 5 rounds). The bound itself moves between processes: numpy.max read this 4 MiB \
-matrix in 35-36 µs in some processes and 39-45 µs in others (the same address alignment, \
-64 bytes), while the step does not move with it, so B = 512 lands on either side of 2x."""
+matrix in 35-36 µs in some processes and 39-45 µs in others (the matrix 64-byte aligned in \
+each), while the step does not move with it, so B = 512 lands on either side of 2x."""
 
 
 @section("d", "Threshold step against the data-set size N")
