@@ -669,8 +669,8 @@ tells autograd the state changed +0.7 point, the lock +0.3, the dispatch check +
 loss pays for that one too). Since commit 815eb0d GloFND keeps its hyper-parameters as one \
 tuple (made again when an attribute is set) and checks the NumPy views it keeps of its state \
 by identity, address and version counter instead of shapes and strides: CLIP at B = 256 went \
-from +3.6% to +3.0% in that A/B (8 rounds), SimCLR and SogCLR, which take the same path, \
-gained too.
+from +3.6% to +3.0% in that A/B (8 rounds). SimCLR and SogCLR take the same path; they were \
+not A/B-tested, and read +0.9% to +1.8% in this session's full runs (+1.5% to +2.8% before).
 
 The kernels compute exp with their own vectorised polynomial (Cephes' expf, < 2 ulp) and sum in \
 16 fixed lanes, so their values differ from torch's by float32 rounding (tests: rtol 1e-5 \
