@@ -21,6 +21,11 @@ _STATE = (("lambdas", torch.float32), ("exp_avg", torch.float32),
 _BIAS_CORRECTION = ("sample", "epoch")
 
 
+def _versions(state: tuple[Tensor, ...]) -> tuple[int, ...]:
+    """The version counters of the four state tensors (see GloFND._state_for_kernels)."""
+    return (state[0]._version, state[1]._version, state[2]._version, state[3]._version)
+
+
 def _interleaved(size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Zeroed CPU state of ``size`` samples: λ_i and its two moments as the columns of one
     (size, 3) float32 block, so that a step over a large data set touches about two cache lines
@@ -202,17 +207,19 @@ class GloFND(nn.Module):
         super().__setattr__(name, value)
         self.__dict__["_hyper"] = None  # any attribute may be a hyper-parameter: made again
 
-    def _hyper_args(self) -> tuple:
+    def _hyper_args(self, eager: bool = False) -> tuple:
         """``(alpha, lr, beta1, beta2, eps, lo, hi, optimizer, t)`` as the C kernels take them
         (t: Adam's step count, 0 for the per-sample counts). Kept in eager calls until an
         attribute is set (:meth:`__setattr__`): building it reads nine attributes, which costs
-        more in a training step than the kernels' own extra work."""
-        hyper = None if torch.compiler.is_compiling() else self.__dict__.get("_hyper")
+        more in a training step than the kernels' own extra work. ``eager``: the caller knows
+        that it is not being traced (it asked :func:`glofnd._ops._direct`)."""
+        keep = eager or not torch.compiler.is_compiling()
+        hyper = self.__dict__.get("_hyper") if keep else None
         if hyper is None:
             hyper = (self.alpha, self.lr, self.betas[0], self.betas[1], self.eps, self.clamp[0],
                      self.clamp[1], _OPTIMIZERS[self.optimizer],
                      self.epoch + 1 if self.bias_correction == "epoch" else 0)
-            if not torch.compiler.is_compiling():
+            if keep:
                 self.__dict__["_hyper"] = hyper
         return hyper
 
@@ -281,19 +288,18 @@ class GloFND(nn.Module):
         :meth:`step` (when ``update``; the rows' own column and positive excluded by index, no
         mask made) and the loss's forward in one pass. The arguments are the losses' own, already
         checked; one process only (the losses take :meth:`step` otherwise)."""
-        if _ops._direct(sim, positive, own, index):  # eager: the kernel itself, if on the CPU
-            state, views = self._state_for_kernels(eager=True)
-            if views is not None:
-                hyper = self.__dict__.get("_hyper") or self._hyper_args()
-                with self._lock:
-                    out = _ops.fused_forward_c(sim, positive, own, index, state, views, scale,
-                                               kind, per_row, True, hyper, update)
-                    if update:
-                        self._wrote()
-                    return out
-        state, _ = self._state_for_kernels()
-        args = (sim, positive, own, index, *state, scale, kind, per_row, True,
-                *self._hyper_args(), bool(update))
+        direct = _ops._direct(sim, positive, own, index)
+        state, views = self._state_for_kernels(eager=direct)
+        hyper = self._hyper_args(eager=direct)
+        if direct and views is not None:  # eager on the CPU: the kernel itself
+            with self._lock:
+                out = _ops.fused_forward_c(sim, positive, own, index, state, views, scale, kind,
+                                           per_row, True, hyper, update)
+                if update:
+                    self._wrote()
+                return out
+        args = (sim, positive, own, index, *state, scale, kind, per_row, True, *hyper,
+                bool(update))
         if torch.compiler.is_compiling():  # traced: the compiled graph runs the op as one call
             return _ops.fused_forward(*args)
         with self._lock:
@@ -364,7 +370,7 @@ class GloFND(nn.Module):
             lam, m1, m2, t = state = kept[0]
             if (b.get("lambdas") is lam and b.get("exp_avg") is m1
                     and b.get("exp_avg_sq") is m2 and b.get("steps") is t
-                    and kept[2] == (lam._version, m1._version, m2._version, t._version)
+                    and kept[2] == _versions(state)
                     and kept[3] == (lam.data_ptr(), m1.data_ptr(), m2.data_ptr(), t.data_ptr())):
                 return state, kept[1]
         state = self._check_state()
@@ -372,8 +378,7 @@ class GloFND(nn.Module):
             self._arrays = None
             return state, None
         views = tuple(t.numpy() for t in state)
-        self._arrays = [state, views, tuple(t._version for t in state),
-                        tuple(t.data_ptr() for t in state)]
+        self._arrays = [state, views, _versions(state), tuple(t.data_ptr() for t in state)]
         return state, views
 
     def _wrote(self) -> None:
@@ -382,8 +387,7 @@ class GloFND(nn.Module):
         keeps the views. Called under the lock, right after the write."""
         kept = self._arrays
         if kept is not None:
-            lam, m1, m2, t = kept[0]
-            kept[2] = (lam._version, m1._version, m2._version, t._version)
+            kept[2] = _versions(kept[0])
 
     def forward(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
                 update: bool = True) -> Tensor:
