@@ -230,19 +230,19 @@ ISA_ATTR static void FN(count_kept_row)(const T *sim, const glofnd_batch *b, int
 }
 
 /* Counts row rc against lam (its valid count into kept, the counts added to *above and
- * *nvalid) and masks the counted row rm against lam1: for dense rows, in one loop. */
+ * *nvalid) and masks the counted row rm against lam1: for dense rows, in one loop, which
+ * prefetches pf elements ahead (prefetch_distance). */
 ISA_ATTR static inline void FN(count_mask_row)(const T *sim, const glofnd_batch *b, int64_t rc,
                                                T lam, int64_t *above, int64_t *nvalid,
                                                int64_t rm, T lam1, uint8_t *mask,
-                                               int64_t *kept)
+                                               int64_t *kept, int64_t pf)
 {
     const int64_t M = b->cols;
     if (b->col_stride == 1 && b->valid == NULL && kept[rm] == M) {
         int64_t nan = 0;
         const int64_t flagged = FN(count_flags)(sim + rc * b->row_stride, lam,
                                                 sim + rm * b->row_stride, lam1, mask + rm * M,
-                                                M, prefetch_distance(b, sizeof(T)), above,
-                                                &nan);
+                                                M, pf, above, &nan);
         kept[rc] = M - nan;
         *nvalid += M - nan;
         kept[rm] = M - flagged;
@@ -278,6 +278,7 @@ ISA_ATTR static void FN(run_groups)(const void *sim_v, const glofnd_batch *b, gl
     }
     const int64_t nb = glofnd_internal_batch_groups(b->rows, b->cols * (int64_t)sizeof(T),
                                                     g->ngroups);
+    const int64_t pf = prefetch_distance(b, sizeof(T));
     glofnd_bias_memo memo = GLOFND_BIAS_MEMO_INIT;
     int64_t ids[GLOFND_BATCH_MAX], above[GLOFND_BATCH_MAX], nvalid[GLOFND_BATCH_MAX];
     float lam[GLOFND_BATCH_MAX], lam1[GLOFND_BATCH_MAX]; /* this batch's, the previous one's */
@@ -301,7 +302,7 @@ ISA_ATTR static void FN(run_groups)(const void *sim_v, const glofnd_batch *b, gl
                 while (starts[pk + ml + 1] <= mq)
                     ++ml;
                 FN(count_mask_row)(sim, b, order[q], (T)lam[l], &above[l], &nvalid[l],
-                                   order[mq], (T)lam1[ml], mask, kept);
+                                   order[mq], (T)lam1[ml], mask, kept, pf);
                 ++mq;
             } else {
                 FN(count_kept_row)(sim, b, order[q], (T)lam[l], &above[l], &nvalid[l], kept);
