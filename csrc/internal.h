@@ -50,10 +50,22 @@ float glofnd_internal_update_one(glofnd_state *st, int64_t i, int64_t above, int
 
 /* Consecutive groups whose updates the drivers issue together, at most GLOFND_BATCH_MAX: as
  * many as keep a batch's rows (rows / groups of them per group, row_bytes each) within about
- * GLOFND_BATCH_BYTES, so that the rows are still in L1 when their second pass comes. */
+ * `budget` bytes, so that the rows are still in L1 when their second pass comes.
+ *
+ * The threshold step's budget is 8 KiB: its loop holds a batch being counted and the previous
+ * one being masked, and with rows of a power-of-two size every row takes a line in the same L1
+ * sets, so two batches of 16 KiB (8 lines a set, with the mask's and the prefetched lines on
+ * top of 12 ways) lost masked rows before their second pass. One thread, CPU time, medians
+ * of 6-10 alternating processes: B = 512 (4 KiB rows) 73.3 -> 68.1 and 74.3 -> 71.0 us in two
+ * A/Bs, B = 256 23.7 -> 21.3; B = 200 and 384 within noise (14.8 -> 14.6, 42.6 -> 43.6 us).
+ * The fused loss keeps 16 KiB (loss_impl.h): 8 KiB read within the noise there (SimCLR
+ * B = 256 +1.8% -> +1.2%, CLIP B = 1024 +2.2% -> +1.8% over the plain loss), and would send
+ * groups of 8 KiB to its one-group path, which no benchmark covers. */
 #define GLOFND_BATCH_MAX 8
-#define GLOFND_BATCH_BYTES ((int64_t)16 << 10)
-int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t groups);
+#define GLOFND_STEP_BATCH_BYTES ((int64_t)8 << 10)
+#define GLOFND_LOSS_BATCH_BYTES ((int64_t)16 << 10)
+int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t groups,
+                                     int64_t budget);
 
 /* Groups per chunk that nt > 1 threads take in turn: about four chunks per thread, of 16
  * groups at least (one thread runs all groups as one pipeline). Each chunk is one pipeline of

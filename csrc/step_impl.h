@@ -277,7 +277,7 @@ ISA_ATTR static void FN(run_groups)(const void *sim_v, const glofnd_batch *b, gl
         return;
     }
     const int64_t nb = glofnd_internal_batch_groups(b->rows, b->cols * (int64_t)sizeof(T),
-                                                    g->ngroups);
+                                                    g->ngroups, GLOFND_STEP_BATCH_BYTES);
     const int64_t pf = prefetch_distance(b, sizeof(T));
     glofnd_bias_memo memo = GLOFND_BIAS_MEMO_INIT;
     int64_t ids[GLOFND_BATCH_MAX], above[GLOFND_BATCH_MAX], nvalid[GLOFND_BATCH_MAX];

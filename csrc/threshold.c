@@ -191,10 +191,11 @@ int glofnd_internal_threads_for(int requested, int64_t entries, int64_t min_work
     return (int)nt;
 }
 
-int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t groups)
+int64_t glofnd_internal_batch_groups(int64_t rows, int64_t row_bytes, int64_t groups,
+                                     int64_t budget)
 {
     const int64_t group_bytes = (groups > 0 ? rows / groups : 1) * row_bytes;
-    const int64_t n = group_bytes > 0 ? GLOFND_BATCH_BYTES / group_bytes : GLOFND_BATCH_MAX;
+    const int64_t n = group_bytes > 0 ? budget / group_bytes : GLOFND_BATCH_MAX;
     return n < 1 ? 1 : (n > GLOFND_BATCH_MAX ? GLOFND_BATCH_MAX : n);
 }
 

@@ -191,9 +191,10 @@ def test_many_steps_match_reference(isa):
     assert (st_c["steps"] > 0).any() and (st_c["lambdas"] < 1).any()  # the state moved
 
 
-# (float32 columns, groups per batch of the driver): a batch keeps its rows within 16 KiB, so
-# two rows of 65 floats give 8 groups per batch, of 1000 floats 2, of 2100 floats 1
-BATCHES = [(65, 8), (1000, 2), (2100, 1)]
+# (float32 columns, groups per batch of the driver): a batch keeps its rows within 8 KiB
+# (csrc/internal.h, GLOFND_STEP_BATCH_BYTES), so two rows of 65 floats give 8 groups per batch,
+# of 500 floats 2, of 2100 floats 1
+BATCHES = [(65, 8), (500, 2), (2100, 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
