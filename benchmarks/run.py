@@ -403,7 +403,27 @@ matrix is at most 8 MiB, so stays in L3 between steps; 4 KiB had fetched its lin
 there. B = 512: 74.4 -> 73.0 and 77.1 -> 73.8 µs in two A/Bs; B = 2048 unchanged (3108 against \
 3137 µs, 5 rounds). The bound itself moves between processes: numpy.max read this 4 MiB \
 matrix in 35-36 µs in some processes and 39-45 µs in others (the matrix 64-byte aligned in \
-each), while the step does not move with it, so B = 512 lands on either side of 2x."""
+each), while the step does not move with it, so B = 512 lands on either side of 2x.
+
+Since (commit ebf6bf5): the step's batches hold 8 KiB of rows instead of 16 KiB, one group of \
+two 4 KiB rows at B = 512. Rows of a power-of-two size all take lines in the same L1 sets, and \
+two batches of 16 KiB (the one counted, the one masked) filled 8 of the 12 ways before the \
+mask's and the prefetched lines. One thread, CPU time, alternating processes: B = 512 \
+73.3 -> 68.1 and 74.3 -> 71.0 µs in two A/Bs, B = 256 23.7 -> 21.3 µs, B = 200 and 384 within \
+noise; with 2 threads B = 512 went from 50.2 to 41.9 µs in the section's own run. The parts \
+at B = 512 after it (one thread): a pass that only counts, plus the updates, 51 µs; the \
+update=False step (one pass that writes the mask) 58-60 µs, against ~37 µs for numpy.max, \
+so writing the 1 MiB mask (its lines read for ownership, then written back) costs about as \
+much as 2 MiB of reading; plain SGD instead of Adam 62-64 µs, Adam 68-71 µs. Tried and \
+dropped: masking a batch two batches after its count, so that an update overlaps a whole \
+loop (78.6 against 69.6 µs, and 81 with 16 KiB batches); the flags not depending on the \
+update at all (an unsafe probe: 71.9 against 70.9 µs, so Adam's cost is not the wait for the \
+new λ); a count-only lead at the start of each batch's loop (slower by 3-7 µs); the two rows \
+of a group counted in one loop (74.7 against 72.3 µs); prefetchw of the mask's lines \
+(no change); the fused loop compiled without GCC's extra loads and register copies \
+(35 instead of 41 instructions per 64 entries: no change, the loop waits on memory); \
+Adam's updates of a small matrix in AVX-512 lanes again (B = 128 5.97 -> 5.93 µs: \
+measured alone, 128 updates took 0.92-1.02 µs scalar and 1.06-1.08 µs in lanes)."""
 
 
 @section("d", "Threshold step against the data-set size N")
