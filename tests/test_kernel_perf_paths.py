@@ -191,6 +191,30 @@ def test_many_steps_match_reference(isa):
     assert (st_c["steps"] > 0).any() and (st_c["lambdas"] < 1).any()  # the state moved
 
 
+@pytest.mark.parametrize("cols", [65, 600])  # the small-matrix path; the batched driver
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bias_memo_matches_reference(isa, cols, threads):
+    """Adam's bias corrections 1 - β^t are kept per loop in a table with a slot per t modulo 32
+    (csrc/internal.h, glofnd_bias_memo): per-sample counts mixing values that share a slot (t
+    and t + 32, t + 64), neighbours (t, t + 1) and values that go past 32 between steps give
+    the reference's bytes; a slot returned for the wrong t would change λ."""
+    rng = np.random.default_rng(21)
+    n, b = 200, 48
+    idx = rng.choice(n, b, replace=False)
+    index = np.concatenate([idx, idx]).astype(np.int64)
+    st_c = make_state(n, rng, warm=True)
+    st_c["steps"][:] = rng.choice([4, 5, 36, 37, 68, 30, 31], n).astype(np.int32)
+    st_r = {k: v.copy() for k, v in st_c.items()}
+    kw = params()
+    for _ in range(4):
+        sim = rng.uniform(-1, 1, (2 * b, cols)).astype(np.float32)
+        got = c_step(sim, index, None, st_c, threads, **kw)
+        want = reference_step(sim, index, None, st_r, **kw)
+        assert_same_bytes(got, want)
+        st_c, st_r = got[2], want[2]
+    assert len(np.unique(st_c["steps"][idx] % 32)) < len(np.unique(st_c["steps"][idx]))
+
+
 # (float32 columns, groups per batch of the driver): a batch keeps its rows within 8 KiB
 # (csrc/internal.h, GLOFND_STEP_BATCH_BYTES), so two rows of 65 floats give 8 groups per batch,
 # of 500 floats 2, of 2100 floats 1
