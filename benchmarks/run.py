@@ -505,7 +505,17 @@ def section_d(cfg) -> list[str]:
               "its block: in a run of this section with the block allocated by torch (no huge "
               "pages; 2026-11-27), the GloFND layout measured 1.25 at N = 10^7 (1 thread) "
               "against 1.12 for the separate NumPy arrays, i.e. the TLB misses of random "
-              "pages cost as much as the cache lines."]
+              "pages cost as much as the cache lines.",
+              "",
+              "Since (commits ebf6bf5, d537ca8): the step at small N got faster and the one at "
+              "N = 10^7 did not, so the ratio grew. This section's state has per-sample counts "
+              "that all differ; the bias-correction table now computes each value of t once "
+              "per call instead of once per sample, which the misses at N = 10^7 had hidden. "
+              "Alone, 3000 calls each, median wall µs at N = 10^3 / 10^7 (GloFND layout, 2 "
+              "threads): 46.0 / 45.2 and 45.4 / 45.4 before both changes, 42.6 / 43.7 and "
+              "41.9 / 43.7 with the 8 KiB batches, 41.5 / 45.2 and 41.0 / 43.6 with both "
+              "(ratios 0.98-1.00, 1.03-1.04, 1.06-1.09). Prefetching the batch's state before "
+              "the rows are grouped instead of after measured the same (1.05-1.14)."]
     return lines
 
 
