@@ -575,7 +575,7 @@ ISA_ATTR static void FN(fused_groups)(const T *sim, T c, int kind, const glofnd_
     const int64_t nb = glofnd_internal_batch_groups(b->rows, b->cols * (int64_t)sizeof(T),
                                                     g->ngroups, GLOFND_LOSS_BATCH_BYTES);
     glofnd_bias_memo memo;
-    glofnd_bias_memo_init(&memo, p);
+    glofnd_bias_memo_init(&memo);
     float lam1[GLOFND_BATCH_MAX]; /* the new lambdas of the previous batch */
     int64_t ids[GLOFND_BATCH_MAX], above[GLOFND_BATCH_MAX], nfin[GLOFND_BATCH_MAX];
     int64_t pk = k0, pn = 0; /* the previous batch: groups pk .. pk + pn - 1 */

@@ -280,7 +280,7 @@ ISA_ATTR static void FN(run_groups)(const void *sim_v, const glofnd_batch *b, gl
                                                     g->ngroups, GLOFND_STEP_BATCH_BYTES);
     const int64_t pf = prefetch_distance(b, sizeof(T));
     glofnd_bias_memo memo;
-    glofnd_bias_memo_init(&memo, p);
+    glofnd_bias_memo_init(&memo);
     int64_t ids[GLOFND_BATCH_MAX], above[GLOFND_BATCH_MAX], nvalid[GLOFND_BATCH_MAX];
     float lam[GLOFND_BATCH_MAX], lam1[GLOFND_BATCH_MAX]; /* this batch's, the previous one's */
     int64_t pk = k0, pn = 0; /* the previous batch: groups pk .. pk + pn - 1 */

@@ -88,14 +88,15 @@ static void ipow2(double b1, double b2, int64_t e, double *r1, double *r2)
     *r2 = x2;
 }
 
-/* 1 - b1**t and 1 - b2**t (the memo's b1 and b2) through the memo: the values ipow2 computes,
+/* 1 - b1**t and 1 - b2**t through the memo (kept for one b1 and b2): the values ipow2 computes,
  * so the bytes do not depend on whether the memo hit. */
-static void bias_denominators(int64_t t, glofnd_bias_memo *memo, double *d1, double *d2)
+static void bias_denominators(double b1, double b2, int64_t t, glofnd_bias_memo *memo,
+                              double *d1, double *d2)
 {
     const int k = (int)(t & (GLOFND_BIAS_SLOTS - 1));
     if (memo->key[k] != t) {
         double pow1, pow2;
-        ipow2(memo->b1, memo->b2, t, &pow1, &pow2);
+        ipow2(b1, b2, t, &pow1, &pow2);
         memo->key[k] = t;
         memo->d1[k] = 1.0 - pow1;
         memo->d2[k] = 1.0 - pow2;
@@ -119,7 +120,7 @@ GLOFND_NOINLINE float glofnd_internal_update_one(glofnd_state *st, int64_t i, in
         const double v = p->beta2 * (double)GLOFND_EXP_AVG_SQ(st, i) + (1.0 - p->beta2) * g * g;
         const int64_t tb = p->step > 0 ? p->step : (int64_t)t;
         double d1, d2;
-        bias_denominators(tb, memo, &d1, &d2);
+        bias_denominators(p->beta1, p->beta2, tb, memo, &d1, &d2);
         const double mhat = m / d1;
         const double vhat = v / d2;
         next = lam - p->lr * mhat / (sqrt(vhat) + p->eps);
@@ -363,7 +364,7 @@ static int flat_step_f32(const float *sim, const glofnd_batch *b, glofnd_state *
     if (!count_all_f32_avx512(sim, b->rows, M, b->row_stride, g->gid, lam, above))
         return 0;
     glofnd_bias_memo memo;
-    glofnd_bias_memo_init(&memo, p);
+    glofnd_bias_memo_init(&memo);
     for (int64_t k = 0; k < G; ++k)
         lam1[k] = glofnd_internal_update_one(st, b->index[g->order[g->starts[k]]], above[k],
                                              (g->starts[k + 1] - g->starts[k]) * M, p, &memo);
