@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import glofnd  # noqa: E402
-from glofnd.state import _interleaved  # noqa: E402
+from glofnd.state import _columns, _new_block  # noqa: E402
 from glofnd import GloFNDClipLoss, GloFNDLoss, _ops, numpy_api, reference  # noqa: E402
 from eager_baseline import eager_threshold_step  # noqa: E402
 
@@ -145,14 +145,24 @@ def touched_state(n: int) -> dict:
 
 
 def touched_glofnd_state(n: int) -> dict:
-    """The state as ``glofnd.GloFND`` keeps it on the CPU (λ, m, v the columns of one (n, 3)
-    block, steps separate), as NumPy views, all pages written."""
-    block = _interleaved(n)
-    for t in block:
-        t.fill_(0)
-    block[0].fill_(1.0)
+    """The state as ``glofnd.GloFND`` keeps it on the CPU (λ, m, v and the count the columns of
+    one (n, 4) float32 block), as NumPy views, all pages written."""
+    block = _new_block(n)
+    block.fill_(0)
+    block[:, 0].fill_(1.0)
     return {name: t.numpy() for name, t in zip(("lambdas", "exp_avg", "exp_avg_sq", "steps"),
-                                                block)}
+                                                _columns(block))}
+
+
+def touched_three_column_state(n: int) -> dict:
+    """GloFND's CPU layout before the (n, 4) block: λ, m, v the columns of an (n, 3) float32
+    block and the counts a separate int32 vector, both allocated through NumPy, pages written."""
+    block = np.zeros((n, 3), dtype=np.float32)
+    block[:, 0] = 1.0
+    steps = np.zeros(n, dtype=np.int32)
+    steps[:] = 0
+    return {"lambdas": block[:, 0], "exp_avg": block[:, 1], "exp_avg_sq": block[:, 2],
+            "steps": steps}
 
 
 def warm_state(n: int, seed: int) -> dict:
@@ -453,7 +463,8 @@ def section_d(cfg) -> list[str]:
     a = sim.numpy()
     draws = {n: [np.concatenate([i, i]) for i in (rng.choice(n, b, replace=False)
                                                   for _ in range(pool))] for n in ns}
-    layouts = {"GloFND": touched_glofnd_state, "separate": touched_state}
+    layouts = {"GloFND": touched_glofnd_state, "(N, 3) + steps": touched_three_column_state,
+               "separate": touched_state}
     states = {(lay, n): make(n) for lay, make in layouts.items() for n in ns}
     rows = []
     for threads in cfg.threads:

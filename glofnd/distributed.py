@@ -123,10 +123,10 @@ def init_from_env(backend: Optional[str] = None, timeout=None) -> tuple[int, int
 class _LastWrite:
     """The values a GloFND wrote at the entries (local slots) it touched in its last step."""
 
-    __slots__ = ("lambdas", "steps", "slots", "lam_bits", "step_vals")
+    __slots__ = ("block", "slots", "lam_bits", "step_vals")
 
     def __init__(self, fnd, slots: Tensor):
-        self.lambdas, self.steps, self.slots = fnd.lambdas, fnd.steps, slots
+        self.block, self.slots = fnd.state, slots
         self.lam_bits = fnd.lambdas[slots].view(torch.int32).clone()
         self.step_vals = fnd.steps[slots].clone()
 
@@ -157,8 +157,8 @@ def check_unchanged(fnd) -> Optional[str]:
     the same values by the broadcast loses nothing and is not reported; it only costs a copy of
     the whole state per step.)"""
     rec = fnd._last_write
-    if rec is None or rec.lambdas is not fnd.lambdas or rec.steps is not fnd.steps:
-        return None  # nothing written yet, or the buffers were replaced on purpose
+    if rec is None or rec.block is not fnd.state:
+        return None  # nothing written yet, or the buffer was replaced on purpose
     same = (torch.equal(fnd.lambdas[rec.slots].view(torch.int32), rec.lam_bits)
             and torch.equal(fnd.steps[rec.slots], rec.step_vals))
     if not same:

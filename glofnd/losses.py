@@ -336,7 +336,7 @@ class _Detector(nn.Module):
             return memo[0]
 
         if method in ("glofnd", "single") and mask_on \
-                and fnd._buffers["lambdas"].device == sim.device \
+                and fnd._buffers["state"].device == sim.device \
                 and not (fnd.distributed is not None and D.multi_process(fnd.process_group)):
             # the update rides on the loss's own pass over sim
             update = self.training and self.epoch >= self.start_update

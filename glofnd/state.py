@@ -21,30 +21,31 @@ _STATE = (("lambdas", torch.float32), ("exp_avg", torch.float32),
 _BIAS_CORRECTION = ("sample", "epoch")
 
 
-def _versions(state: tuple[Tensor, ...]) -> tuple[int, ...]:
-    """The version counters of the four state tensors (see GloFND._state_for_kernels)."""
-    return (state[0]._version, state[1]._version, state[2]._version, state[3]._version)
+def _new_block(size: int) -> Tensor:
+    """Zeroed CPU state of ``size`` samples: the (size, 4) float32 block behind
+    :attr:`GloFND.state`, whose row i holds λ_i, its two moments and the bits of the int32 count
+    t_i, so that a step over a large data set touches one cache line per sample (16 bytes,
+    aligned) instead of two or four (docs/benchmarks.md, section d). NumPy's allocator asks the
+    kernel for transparent huge pages on large blocks (torch's does not): at N = 10^7 that saves
+    a TLB miss per access."""
+    return torch.from_numpy(np.zeros((size, 4), dtype=np.float32))
 
 
-def _interleaved(size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Zeroed CPU state of ``size`` samples: λ_i and its two moments as the columns of one
-    (size, 3) float32 block, so that a step over a large data set touches about two cache lines
-    per sample (these 12 bytes and the count) instead of four (docs/benchmarks.md, section d);
-    ``steps`` a separate int32 vector (torch.compile cannot trace in-place updates of views of
-    one storage with different dtypes). NumPy's allocator asks the kernel for transparent huge
-    pages on large blocks (torch's does not): at N = 10^7 that saves a TLB miss per access."""
-    block = torch.from_numpy(np.zeros((size, 3), dtype=np.float32))
-    steps = torch.from_numpy(np.zeros(size, dtype=np.int32))
-    return block[:, 0], block[:, 1], block[:, 2], steps
+def _columns(block: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four (N,) views of a state block: λ, m, v (float32) and the counts (int32)."""
+    return block[:, 0], block[:, 1], block[:, 2], block[:, 3].view(torch.int32)
 
 
-def _is_interleaved(state: tuple[Tensor, ...]) -> bool:
-    """Whether the buffers are laid out as :func:`_interleaved` makes them."""
-    base = state[0]
-    return (all(t.dim() == 1 and t.stride() == (3,) for t in state[:3])
-            and all(t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
-                    and t.storage_offset() == base.storage_offset() + k
-                    for k, t in enumerate(state[:3])))
+def _vector(k: int, doc: str) -> property:
+    """GloFND's state vector k: column k of its buffer ``state`` (as int32 for the counts,
+    k = 3); assigning copies into it (GloFND._assign)."""
+    def get(self) -> Tensor:
+        column = self._buffers["state"][:, k]
+        return column.view(torch.int32) if k == 3 else column
+
+    def assign(self, value: Tensor) -> None:
+        self._assign(k, value)
+    return property(get, assign, doc=doc)
 
 
 def check_batch(sim: Tensor, index: Tensor, valid: Optional[Tensor], num_samples: int,
@@ -129,12 +130,12 @@ class GloFND(nn.Module):
     Non-finite entries (NaN, ±inf) are neither valid nor flagged; an index without a valid entry
     in the batch keeps its state (λ stays finite whatever the similarities hold).
 
-    State (float32, saved in ``state_dict``): ``lambdas``, ``exp_avg``, ``exp_avg_sq`` (N,), and
-    ``steps`` (N,) int32. On the CPU the three float32 vectors are the columns of one (N, 3)
-    block (a sample's 12 bytes share a cache line, so that a step's cost hardly grows with N);
-    any 1-D buffers of the right dtype and length work too. CPU tensors run the C kernel
-    (multi-threaded, bit-identical for any thread count); others run the pure-torch reference on
-    their own device.
+    State: ``lambdas``, ``exp_avg``, ``exp_avg_sq`` (N,) float32 and ``steps`` (N,) int32, the
+    columns of one (N, 4) float32 buffer ``state`` (the counts' int32 bits in its last column):
+    a sample's 16 bytes share one cache line, so that a step's cost hardly grows with N. The
+    four are views of it (assigning one copies into it); ``state_dict`` saves them as four
+    contiguous tensors. CPU tensors run the C kernel (multi-threaded, bit-identical for any
+    thread count); others run the pure-torch reference on their own device.
 
     Threads: calls on one module are serialised by its lock (the result is that of some serial
     order); different modules step in parallel (the C kernel releases the GIL).
@@ -148,10 +149,13 @@ class GloFND(nn.Module):
         (torch.Size([8, 8]), torch.bool)
     """
 
-    lambdas: Tensor
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-    steps: Tensor
+    # The four state vectors are views of the one buffer: torch.compile traces them as views of
+    # it (aot_autograd refuses input mutations of views of one storage with different dtypes,
+    # which four buffers would be); assigning one copies into it.
+    lambdas = _vector(0, "(N,) float32: the thresholds λ (a view of the buffer ``state``).")
+    exp_avg = _vector(1, "(N,) float32: Adam's first moment of λ (a view of ``state``).")
+    exp_avg_sq = _vector(2, "(N,) float32: Adam's second moment of λ (a view of ``state``).")
+    steps = _vector(3, "(N,) int32: the number of updates of each λ_i (a view of ``state``).")
 
     def __init__(self, num_samples: int, alpha: float = 0.01, lr: float = 0.05,
                  optimizer: str = "adam", betas: tuple[float, float] = (0.9, 0.98),
@@ -198,10 +202,24 @@ class GloFND(nn.Module):
             self.shard = _dist.world(process_group)
             size = _dist.shard_size(num_samples, *self.shard)
         check_state_fits(num_samples, size)
-        block = _interleaved(size)
-        block[0].fill_(init)
-        for (name, _), view in zip(_STATE, block):
-            self.register_buffer(name, view)
+        block = _new_block(size)
+        block[:, 0].fill_(init)
+        # not saved as such: state_dict holds the four vectors (_save_to_state_dict)
+        self.register_buffer("state", block, persistent=False)
+
+    def _assign(self, k: int, value: Tensor) -> None:
+        """``fnd.<name> = value``: copies value (same shape and dtype) into column k."""
+        name, dtype = _STATE[k]
+        if not isinstance(value, Tensor) or value.dtype != dtype:
+            got = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(f"{name} must be a {dtype} tensor, got {got}")
+        view = _columns(self._buffers["state"])[k]
+        if value.shape != view.shape:
+            raise ValueError(f"{name} must have shape {tuple(view.shape)}, got "
+                             f"{tuple(value.shape)}")
+        with torch.no_grad():
+            view.copy_(value)
+        _dist.forget_write(self)
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
@@ -322,72 +340,64 @@ class GloFND(nn.Module):
         _dist.forget_write(self)
 
     def _check_state(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The buffers as the kernels update them in place: (N,) contiguous, float32 (int32 for
-        ``steps``), on one device. Casting the module (``.double()``, ``.half()``) breaks this.
-        A sharded state holds this process's share of the N entries. Returns the four buffers
-        (read from ``_buffers`` directly: ``nn.Module.__getattr__`` costs a microsecond each,
-        and this runs on every step)."""
+        """The four state vectors as the kernels update them in place: the columns of the
+        buffer ``state``, which must be (N, 4) float32 with unit column stride (a sharded state
+        holds this process's share of the N entries). Returns ``(lambdas, exp_avg, exp_avg_sq,
+        steps)``, (N,) views (read from ``_buffers`` directly: ``nn.Module.__getattr__`` costs
+        a microsecond, and this runs on every step)."""
         n = self.num_samples
         if self.distributed == "sharded":
             n = _dist.shard_size(n, *self.shard)
-        buffers = self._buffers
-        state = tuple(buffers.get(name) for name, _ in _STATE)
-        device = state[0].device if isinstance(state[0], Tensor) else None
-        for (name, dtype), t in zip(_STATE, state):
-            if not isinstance(t, Tensor) or t.dtype != dtype:
-                got = t.dtype if isinstance(t, Tensor) else type(t).__name__
-                raise TypeError(f"the state buffer {name} must have dtype {dtype}, got {got}")
-            if t.shape != (n,) or (n > 1 and t.stride(0) < 1):
-                raise ValueError(f"the state buffer {name} must be 1-D of shape ({n},) with a "
-                                 f"positive stride, got shape {tuple(t.shape)}, stride "
-                                 f"{t.stride()}")
-            if t.device != device:
-                raise ValueError(f"the state buffer {name} is on {t.device}, lambdas on "
-                                 f"{device}")
-        return state
+        block = self._buffers.get("state")
+        if not isinstance(block, Tensor) or block.dtype != torch.float32:
+            got = block.dtype if isinstance(block, Tensor) else type(block).__name__
+            raise TypeError(f"the state buffer must have dtype torch.float32, got {got}")
+        if block.shape != (n, 4) or block.stride(1) != 1 or (n > 1 and block.stride(0) < 4):
+            raise ValueError(f"the state buffer must have shape ({n}, 4), unit column stride and "
+                             f"a row stride of at least 4, got shape {tuple(block.shape)}, stride "
+                             f"{block.stride()}")
+        return _columns(block)
 
     def _state_for_kernels(self, eager: bool = False
                            ) -> tuple[tuple[Tensor, ...], Optional[tuple[np.ndarray, ...]]]:
-        """``(buffers, views)``: the checked buffers, and NumPy views of their memory where the
-        call will run the C kernels directly (eager, state on the CPU, extension in use), else
-        None (traced code must not read addresses or make arrays). ``eager``: the caller knows
-        that it is not being traced (it asked :func:`glofnd._ops._direct`).
+        """``(state, views)``: the four checked state vectors (:meth:`_check_state`), and NumPy
+        views of their memory where the call will run the C kernels directly (eager, state on
+        the CPU, extension in use), else None (traced code must not read addresses or make
+        arrays). ``eager``: the caller knows that it is not being traced (it asked
+        :func:`glofnd._ops._direct`).
 
-        The views are kept between calls while the four buffers stay the same objects at the
-        same addresses with the same version counters (``Tensor._version``, which every in-place
-        operation advances: ``set_``, ``resize_``, ``as_strided_`` among them; the kernels' own
-        writes are recorded by :meth:`_wrote`). That costs a few hundred nanoseconds per call
-        instead of the checks and four ``Tensor.numpy()`` (about 5 µs). Anything that replaces a
-        buffer (``.to()``, ``_apply``, assignment), its memory (``.data =``, ``set_``) or its
-        layout, or writes it in place, makes them be built and checked again; the one change
-        not seen is ``.data =`` a tensor at the same address with another layout. Kept views
-        exist only for CPU buffers, so the device is looked at only when they are (re)built."""
+        Both are kept between calls while the buffer ``state`` stays the same object at the same
+        address, with the same shape, strides and version counter (``Tensor._version``, which
+        every in-place operation on it or its views advances: ``set_``, ``resize_``,
+        ``as_strided_`` among them; the kernels' own writes are recorded by :meth:`_wrote`).
+        That costs a few hundred nanoseconds per call instead of the checks, four views and four
+        ``Tensor.numpy()`` (about 8 µs). Anything that replaces the buffer (``.to()``,
+        ``_apply``), its memory (``.data =``, ``set_``) or its layout, or writes it in place,
+        makes them be built and checked again. Kept views exist only for a CPU buffer, so the
+        device is looked at only when they are (re)built."""
         if not _ops._use_c() or not eager and torch.compiler.is_compiling():
             return self._check_state(), None
         kept = self._arrays
-        if kept is not None:
-            b = self._buffers
-            lam, m1, m2, t = state = kept[0]
-            if (b.get("lambdas") is lam and b.get("exp_avg") is m1
-                    and b.get("exp_avg_sq") is m2 and b.get("steps") is t
-                    and kept[2] == _versions(state)
-                    and kept[3] == (lam.data_ptr(), m1.data_ptr(), m2.data_ptr(), t.data_ptr())):
-                return state, kept[1]
+        block = self._buffers.get("state")
+        if (kept is not None and block is kept[0] and kept[2] == block._version
+                and kept[3] == (block.data_ptr(), block.shape, block.stride())):
+            return kept[4], kept[1]
         state = self._check_state()
-        if state[0].device.type != "cpu":
+        if block.device.type != "cpu":
             self._arrays = None
             return state, None
         views = tuple(t.numpy() for t in state)
-        self._arrays = [state, views, _versions(state), tuple(t.data_ptr() for t in state)]
+        self._arrays = [block, views, block._version,
+                        (block.data_ptr(), block.shape, block.stride()), state]
         return state, views
 
     def _wrote(self) -> None:
-        """Records the version counters after a kernel wrote the buffers through the kept views
-        (and advanced the counters, as an in-place operation would), so that the next call
-        keeps the views. Called under the lock, right after the write."""
+        """Records the version counter after a kernel wrote the state through the kept views
+        (and advanced the counter, as an in-place operation would), so that the next call keeps
+        the views. Called under the lock, right after the write."""
         kept = self._arrays
         if kept is not None:
-            kept[2] = _versions(kept[0])
+            kept[2] = kept[0]._version
 
     def forward(self, sim: Tensor, index: Tensor, valid: Optional[Tensor] = None,
                 update: bool = True) -> Tensor:
@@ -396,17 +406,45 @@ class GloFND(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # the four vectors, checked all before any is copied into the block (in place, also
+        # with assign=True: the buffer stays one block)
         _dist.forget_write(self)
         if self.distributed == "sharded":
             state_dict = _dist.load_shard(self, state_dict, prefix)
         else:
             _dist.check_not_shard(self, state_dict, prefix)
+        columns = self._check_state()
         key = prefix + "lambdas"
-        if key in state_dict and state_dict[key].shape != self.lambdas.shape:
+        got = state_dict.get(key)
+        if isinstance(got, Tensor) and got.shape != columns[0].shape:
             raise ValueError(f"the checkpoint's GloFND state has num_samples="
-                             f"{state_dict[key].shape[0]}, this module has num_samples="
-                             f"{self.num_samples}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                             f"{got.shape[0] if got.dim() else got.shape}, this module has "
+                             f"num_samples={self.num_samples}")
+        loads, bad = [], False
+        for (name, _), view in zip(_STATE, columns):
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if not isinstance(value, Tensor):
+                error_msgs.append(f"While copying the state vector {key}, expected a tensor "
+                                  f"from the checkpoint but received {type(value).__name__}")
+                bad = True
+            elif value.shape != view.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a state vector of shape "
+                                  f"{tuple(value.shape)} from the checkpoint, the shape in "
+                                  f"this module is {tuple(view.shape)}")
+                bad = True
+            else:
+                loads.append((view, value))
+        if not bad:
+            with torch.no_grad():
+                for view, value in loads:
+                    view.copy_(value)
+        names = {prefix + name for name, _ in _STATE}
+        super()._load_from_state_dict({k: v for k, v in state_dict.items() if k not in names},
+                                      prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
@@ -415,35 +453,22 @@ class GloFND(nn.Module):
         def keep_dtype(t):
             out = fn(t)
             return out if out.dtype == t.dtype else t.to(out.device)
+        old = self._buffers.get("state")
         super()._apply(keep_dtype, recurse)
-        self._arrays = None  # the kept views would keep the old buffers' memory alive
+        self._arrays = None  # the kept views would keep the old buffer's memory alive
         _dist.forget_write(self)
-        for name in ("lambdas", "exp_avg", "exp_avg_sq"):
-            if getattr(self, name).dtype != torch.float32:
-                setattr(self, name, getattr(self, name).float())
-        self._interleave()
+        block = self._buffers.get("state")
+        if (block is not old and isinstance(block, Tensor) and block.device.type == "cpu"
+                and block.dtype == torch.float32 and block.dim() == 2):
+            self._buffers["state"] = _new_block(block.shape[0]).copy_(block)  # huge pages
         return self
-
-    def _interleave(self) -> None:
-        """Puts λ and its moments back into one (N, 3) block on the CPU after a conversion copied
-        the buffers apart (values unchanged; other devices keep separate buffers)."""
-        state = tuple(self._buffers.get(name) for name, _ in _STATE)
-        if not all(isinstance(t, Tensor) and t.device.type == "cpu" and t.dim() == 1
-                   and t.dtype == dtype for t, (_, dtype) in zip(state, _STATE)) \
-                or len({t.shape for t in state}) != 1 or _is_interleaved(state):
-            return
-        block = _interleaved(state[0].shape[0])
-        for (name, _), new, old in zip(_STATE[:3], block, state):
-            new.copy_(old)
-            self._buffers[name] = new
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # four separate contiguous tensors, the checkpoint format of every version
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name, _ in _STATE:
-            t = destination.get(prefix + name)
-            if isinstance(t, Tensor) and not t.is_contiguous():
-                destination[prefix + name] = t.clone(memory_format=torch.contiguous_format)
+        for (name, _), view in zip(_STATE, _columns(self._buffers["state"])):
+            destination[prefix + name] = view.detach().clone(
+                memory_format=torch.contiguous_format)
 
     def get_extra_state(self):
         if self.distributed == "sharded":
@@ -464,6 +489,15 @@ class GloFND(nn.Module):
         for name, default in (("distributed", None), ("process_group", None),
                               ("check_overwrite", True), ("_arrays", None)):
             state.setdefault(name, default)
+        buffers = state.get("_buffers", {})
+        if "state" not in buffers and all(name in buffers for name, _ in _STATE):
+            # pickled by a version with four buffers: into one block
+            old = [buffers.pop(name) for name, _ in _STATE]
+            block = old[0].new_empty((old[0].shape[0], 4))
+            for view, value in zip(_columns(block), old):
+                view.copy_(value)
+            buffers["state"] = block
+            state.setdefault("_non_persistent_buffers_set", set()).add("state")
         self.__dict__.update(state)
         self._lock = threading.Lock()
 

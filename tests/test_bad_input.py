@@ -131,6 +131,12 @@ TARGETS = {
                           lambda ctx, kw: ctx["module"].step(**kw)),
     "GloFND.forward": Target("GloFND.forward", ("c", "reference"), _module_setup,
                              lambda ctx, kw: ctx["module"](**kw)),
+    "GloFND.<vector> =": Target(
+        "GloFND.<vector> =", ("none",),
+        lambda rng: (lambda ctx: dict(ctx, kwargs={"name": "lambdas",
+                                                   "value": ctx["module"].lambdas + 0.25}))(
+            _module_setup(rng)),
+        lambda ctx, kw: setattr(ctx["module"], kw["name"], kw["value"])),
     "GloFNDLoss()": Target("GloFNDLoss()", ("none",), lambda rng: {"kwargs": dict(_LOSS_CTOR)},
                            lambda ctx, kw: glofnd.GloFNDLoss(**kw)),
     "GloFNDClipLoss()": Target("GloFNDClipLoss()", ("none",),
@@ -160,6 +166,7 @@ class Row:
 
 C, NP, INIT, CTOR = ("_C.step",), ("numpy.threshold_step",), ("numpy.init_state",), ("GloFND()",)
 MOD = ("GloFND.step", "GloFND.forward")
+ASSIGN = ("GloFND.<vector> =",)
 LCTOR, LOSS, CLIP = ("GloFNDLoss()", "GloFNDClipLoss()"), ("GloFNDLoss.forward",), \
     ("GloFNDClipLoss.forward",)
 ARR = C + NP  # rows on NumPy arrays shared by the binding and the NumPy API
@@ -196,11 +203,17 @@ def _t(f):
     return lambda ctx: f(ctx["kwargs"])
 
 
-def _buffer(name, f):
+def _state_buffer(f):
+    """Replaces the module's (N, 4) state buffer by f(buffer)."""
     def prepare(ctx):
         m = ctx["module"]
-        setattr(m, name, f(getattr(m, name)))
+        m.state = f(m.state)
     return prepare
+
+
+def _assigned(name, f):
+    """Assigns f(current vector) to the state vector ``name`` (copied into the block)."""
+    return lambda ctx: {"name": name, "value": f(getattr(ctx["module"], name))}
 
 
 ROWS = [
@@ -369,15 +382,24 @@ ROWS = [
     *[Row(MOD, f"update-{type(v).__name__}", {"update": v}, TypeError, "update")
       for v in ("yes", None, torch.ones(2))],
     Row(MOD, "unknown-option", {"momentum": 0.9}, TypeError, "momentum"),
-    Row(MOD, "lambdas-float64", {}, TypeError, "lambdas",
-        prepare=_buffer("lambdas", lambda t: t.double())),
-    Row(MOD, "steps-int64", {}, TypeError, "steps", prepare=_buffer("steps", lambda t: t.long())),
-    Row(MOD, "exp_avg-2d", {}, ValueError, "exp_avg",
-        prepare=_buffer("exp_avg", lambda t: t[:, None].clone())),
-    Row(MOD, "exp_avg-expanded", {}, ValueError, "exp_avg",
-        prepare=_buffer("exp_avg", lambda t: t[:1].expand(t.shape[0]))),
-    Row(MOD, "exp_avg_sq-short", {}, ValueError, "exp_avg_sq",
-        prepare=_buffer("exp_avg_sq", lambda t: t[:-1].clone())),
+    Row(MOD, "state-float64", {}, TypeError, "state",
+        prepare=_state_buffer(lambda b: b.double())),
+    Row(MOD, "state-3-columns", {}, ValueError, "state",
+        prepare=_state_buffer(lambda b: b[:, :3].clone())),
+    Row(MOD, "state-short", {}, ValueError, "state", prepare=_state_buffer(lambda b: b[:-1].clone())),
+    Row(MOD, "state-column-major", {}, ValueError, "state",
+        prepare=_state_buffer(lambda b: b.t().contiguous().t())),
+    Row(MOD, "state-expanded", {}, ValueError, "state",
+        prepare=_state_buffer(lambda b: b[:1].expand(b.shape[0], 4))),
+    # --- assignment of a state vector (copied into the block) ----------------------------------
+    Row(ASSIGN, "lambdas-float64", _assigned("lambdas", lambda t: t.double()), TypeError,
+        "lambdas"),
+    Row(ASSIGN, "lambdas-list", _assigned("lambdas", lambda t: t.tolist()), TypeError, "lambdas"),
+    Row(ASSIGN, "steps-int64", _assigned("steps", lambda t: t.long()), TypeError, "steps"),
+    Row(ASSIGN, "exp_avg-2d", _assigned("exp_avg", lambda t: t[:, None].clone()), ValueError,
+        "exp_avg"),
+    Row(ASSIGN, "exp_avg_sq-short", _assigned("exp_avg_sq", lambda t: t[:-1].clone()),
+        ValueError, "exp_avg_sq"),
     Row(MOD, "state-meta", {}, ValueError, "sim", prepare=lambda ctx: ctx["module"].to("meta")),
     # --- the losses: constructors -----------------------------------------------------------
     *[Row(LCTOR, f"num_samples={v!r}", {"num_samples": v}, e, "num_samples")

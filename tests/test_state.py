@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import glofnd
-from glofnd import _ops
+from glofnd import _ops, numpy_api
 
 STATE = ("lambdas", "exp_avg", "exp_avg_sq", "steps")
 
@@ -97,6 +97,44 @@ def test_compiles_with_fake_kernel(backend):
         assert torch.equal(getattr(a, k), getattr(b, k)), k
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiles_with_the_state_read_in_the_graph(compiler):
+    """A compiled function may step and read every state vector in one graph: the four are
+    views of one buffer (int32 and float32), which aot_autograd accepts as views made in the
+    graph (four buffers aliasing one storage with two dtypes, it refuses to mutate)."""
+    a, b = glofnd.GloFND(20, alpha=0.2), glofnd.GloFND(20, alpha=0.2)
+
+    def f(module, sim, idx):
+        mask = module(sim, idx)
+        return mask, module.lambdas * 2, module.steps + 1, module.exp_avg + module.exp_avg_sq
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=compiler, fullgraph=True)
+    for sim, idx in batches(20, 3):
+        for got, want in zip(compiled(a, sim, idx), f(b, sim, idx)):
+            assert torch.equal(got, want)
+    for k in STATE:
+        assert torch.equal(getattr(a, k), getattr(b, k)), k
+
+
+def test_a_pickle_with_four_buffers_loads_into_one_block():
+    """A module pickled with the four vectors as separate buffers (before the block) unpickles
+    with them in one (N, 4) buffer, values kept."""
+    fnd = glofnd.GloFND(12, alpha=0.2)
+    for sim, idx in batches(12, 2):
+        fnd(sim, idx)
+    want = {k: getattr(fnd, k).clone() for k in STATE}
+    old = fnd.__getstate__()
+    old["_buffers"] = {k: v.clone() for k, v in want.items()}
+    old["_non_persistent_buffers_set"] = set()
+    back = glofnd.GloFND.__new__(glofnd.GloFND)
+    back.__setstate__(old)
+    assert _is_block(back) and set(back._buffers) == {"state"}
+    for k in STATE:
+        assert torch.equal(getattr(back, k), want[k]), k
+    assert set(back.state_dict()) == set(STATE) | {"_extra_state"}
+
+
 @pytest.mark.parametrize("kwargs,exc,name", [
     (dict(num_samples=0), ValueError, "num_samples"),
     (dict(num_samples=3.0), TypeError, "num_samples"),
@@ -136,45 +174,80 @@ def test_bad_batch_leaves_state(backend, sim, index, valid, exc, name):
 
 # ------------------------------------------------------------------------- the state's layout
 
-def test_cpu_state_is_interleaved_and_stays_so():
-    """λ, m, v are the columns of one (N, 3) block (steps separate) at construction, after
-    dtype casts and device no-ops, and after loading a checkpoint; state_dict saves four
-    separate contiguous tensors (the format of every version)."""
-    from glofnd.state import _is_interleaved
+def _is_block(m):
+    """Whether m's four vectors are the columns of its (N, 4) float32 buffer, row i holding
+    λ_i, m_i, v_i and the bits of t_i at 16 i bytes from the buffer's start."""
+    block = m.state
+    base, row = block.data_ptr(), block.stride(0) * 4
+    return (block.dtype == torch.float32 and block.shape == (m.num_samples, 4)
+            and all(getattr(m, k).data_ptr() == base + 4 * c
+                    and getattr(m, k).stride() == (row // 4,) for c, k in enumerate(STATE))
+            and torch.equal(block[:, 3].view(torch.int32), m.steps))
 
-    def layout(m):
-        return _is_interleaved(tuple(getattr(m, k) for k in STATE))
 
+def test_cpu_state_is_one_block_and_stays_so():
+    """λ, m, v and the counts are the columns of one (N, 4) block at construction, after dtype
+    casts and device no-ops, and after loading a checkpoint; state_dict saves four separate
+    contiguous tensors (the format of every version) and not the block."""
     fnd = glofnd.GloFND(50, alpha=0.2)
-    assert layout(fnd)
+    assert _is_block(fnd) and fnd.state.is_contiguous()
     for sim, idx in batches(50, 3):
         fnd(sim, idx)
     before = {k: getattr(fnd, k).clone() for k in STATE}
+    assert before["steps"].dtype == torch.int32 and before["steps"].max() > 0
     fnd.double().half().float().to("cpu")
-    assert layout(fnd)
+    assert _is_block(fnd)
     for k in STATE:
         assert torch.equal(getattr(fnd, k), before[k]), k
     sd = fnd.state_dict()
-    assert all(sd[k].is_contiguous() for k in STATE)
+    assert set(sd) == set(STATE) | {"_extra_state"}
+    assert all(sd[k].is_contiguous() and sd[k].dtype == before[k].dtype for k in STATE)
     other = glofnd.GloFND(50, alpha=0.2)
     other.load_state_dict(sd)
-    assert layout(other)
+    assert _is_block(other)
     for k in STATE:
         assert torch.equal(getattr(other, k), before[k]), k
 
 
-@pytest.mark.parametrize("replace", [None, "lambdas", "exp_avg_sq"])
-def test_any_layout_gives_the_same_bytes(backend, replace):
-    """Interleaved, separate and mixed buffers (one replaced by a contiguous tensor) step alike."""
+def test_assigning_a_vector_copies_into_the_block():
+    """``fnd.<vector> = t`` writes t's values into the block (which stays the same object), so
+    the next step reads them: compared with a twin loaded with the same values."""
+    stream = list(batches(30, 3))
+    fnd, twin = glofnd.GloFND(30, alpha=0.2), glofnd.GloFND(30, alpha=0.2)
+    block = fnd.state
+    values = {"lambdas": torch.linspace(-0.5, 0.5, 30), "exp_avg": torch.full((30,), 0.01),
+              "exp_avg_sq": torch.full((30,), 1e-3), "steps": torch.arange(30, dtype=torch.int32)}
+    for k, v in values.items():
+        setattr(fnd, k, v)
+    assert fnd.state is block and _is_block(fnd)
+    for k, v in values.items():
+        assert torch.equal(getattr(fnd, k), v), k
+    twin.load_state_dict(dict(values, _extra_state={"epoch": 0}))
+    _twin_steps(fnd, twin, stream)
+
+
+@pytest.mark.parametrize("layout", ["padded", "offset", "separate"])
+def test_any_layout_gives_the_same_bytes(backend, layout):
+    """A block with a longer row stride (padded) or inside a larger storage (offset) steps like
+    the default one; so do four separate arrays through the NumPy API (the C kernel and the
+    reference take any positive stride per vector)."""
     a, b = glofnd.GloFND(30, alpha=0.2), glofnd.GloFND(30, alpha=0.2)
-    for k in STATE:  # b: four separate contiguous buffers
-        setattr(b, k, getattr(b, k).clone(memory_format=torch.contiguous_format))
-    if replace is not None:
-        setattr(a, replace, getattr(a, replace).clone(memory_format=torch.contiguous_format))
+    if layout == "padded":
+        b.state = torch.zeros(30, 8)[:, :4].copy_(b.state)
+    elif layout == "offset":
+        b.state = torch.zeros(31 * 4)[4:].view(30, 4).copy_(b.state)
+    else:
+        b = numpy_api.init_state(30, init_lambda=1.0)
     for sim, idx in batches(30, 4):
-        assert torch.equal(a(sim, idx), b(sim, idx))
+        if layout == "separate":
+            got = torch.from_numpy(numpy_api.threshold_step(sim.numpy(), idx.numpy(), state=b,
+                                                            alpha=0.2)[0])
+        else:
+            got = b(sim, idx)
+        assert torch.equal(a(sim, idx), got)
     for k in STATE:
-        assert torch.equal(getattr(a, k), getattr(b, k)), k
+        want = torch.from_numpy(b[k]) if layout == "separate" else getattr(b, k)
+        assert torch.equal(getattr(a, k), want), k
 
 
 def _twin_steps(fnd, twin, stream):
@@ -272,8 +345,8 @@ def test_kept_views_are_reused_between_steps():
     assert (loss.fnd_image._arrays[1], loss.fnd_text._arrays[1]) == views
 
 
-@pytest.mark.parametrize("change", ["data", "set_", "assign", "load", "deepcopy", "to",
-                                    "as_strided_"])
+@pytest.mark.parametrize("change", ["data", "set_", "assign", "replace", "load", "deepcopy",
+                                    "to", "as_strided_"])
 def test_kept_views_follow_the_buffers(change):
     """GloFND keeps NumPy views of its buffers between calls of the C kernels; whatever replaces
     a buffer or its memory, the next step reads and writes the buffers the module holds now
@@ -286,29 +359,33 @@ def test_kept_views_follow_the_buffers(change):
     fnd.step(*stream[0])
     with glofnd.use_backend("reference"):
         twin.step(*stream[0])
-    old = fnd.lambdas
+    old = fnd.state
     if change == "data":
-        fnd.lambdas.data = fnd.lambdas.data.clone()  # same object, new memory
+        fnd.state.data = fnd.state.data.clone()  # same object, new memory
     elif change == "set_":
-        fnd.exp_avg.set_(fnd.exp_avg.clone())
+        fnd.state.set_(fnd.state.clone())
     elif change == "assign":
-        fnd.steps = fnd.steps.clone()
+        fnd.steps = fnd.steps + 1  # copied into the block
+        twin.steps = twin.steps + 1
+    elif change == "replace":
+        fnd.state = fnd.state.clone()  # a new buffer
     elif change == "load":
         fnd.load_state_dict(twin.state_dict())  # in place: same memory
     elif change == "deepcopy":
         original, fnd = fnd, copy.deepcopy(fnd)
         before = {k: getattr(original, k).clone() for k in STATE}
     elif change == "as_strided_":
-        # λ moves to a private copy of the (N, 3) block (set_: new memory, the same layout) and
-        # steps once; then as_strided_ makes the same object, at the same address and shape,
-        # read that copy's first 30 floats (stride 1, not 3): the twin takes over those values
-        base = fnd.lambdas._base if fnd.lambdas._base is not None else fnd.lambdas
-        fnd.lambdas.set_(base.clone().untyped_storage(), 0, (30,), (3,))
+        # the block moves into the start of a zeroed storage twice its size (set_: new memory,
+        # the same layout) and steps once; then as_strided_ makes the same object, at the same
+        # address and shape, read rows 8 floats apart: the twin takes over those values
+        big = torch.zeros(30 * 8)
+        big[:120] = fnd.state.flatten()
+        fnd.state.set_(big.untyped_storage(), 0, (30, 4), (4, 1))
         fnd.step(*stream[1])
         with glofnd.use_backend("reference"):
             twin.step(*stream[1])
         stream = stream[1:]
-        twin.lambdas.copy_(fnd.lambdas.as_strided_((30,), (1,)))
+        twin.state.copy_(fnd.state.as_strided_((30, 4), (8, 1)))
     else:
         fnd = fnd.to(torch.float64)
     for sim, idx in stream[1:]:
@@ -317,8 +394,8 @@ def test_kept_views_follow_the_buffers(change):
             twin.step(sim, idx)
     for name in STATE:
         assert torch.equal(getattr(fnd, name), getattr(twin, name)), name
-    if change == "data":
-        assert fnd.lambdas is old and not torch.equal(old, torch.ones(30))
+    if change in ("data", "set_", "assign", "as_strided_"):
+        assert fnd.state is old and not torch.equal(fnd.lambdas, torch.ones(30))
     if change == "deepcopy":  # the original's memory was not written by the copy's steps
         for k in STATE:
             assert torch.equal(getattr(original, k), before[k]), k
@@ -330,15 +407,14 @@ def test_moved_state_releases_the_old_buffers(move):
     the meta device, as to a GPU) or an assignment, the old CPU buffers are freed."""
     fnd = glofnd.GloFND(30)
     fnd.step(*next(batches(30, 1)))  # views of the CPU buffers are kept now
-    old = [weakref.ref(getattr(fnd, k)) for k in STATE]
+    old = weakref.ref(fnd.state)
     if move == "to":
         fnd.to("meta")
     else:
-        for k in STATE:
-            setattr(fnd, k, getattr(fnd, k).clone())
-        fnd.step(*next(batches(30, 1)))  # the next step builds views of the new buffers
+        fnd.state = fnd.state.clone()
+        fnd.step(*next(batches(30, 1)))  # the next step builds views of the new buffer
     gc.collect()
-    assert all(r() is None for r in old)
+    assert old() is None
 
 
 def test_kept_views_refuse_a_resized_buffer():
@@ -346,7 +422,7 @@ def test_kept_views_refuse_a_resized_buffer():
     sim, idx = next(batches(30, 1))
     fnd.step(sim, idx)
     before = fnd.lambdas.clone()
-    fnd.exp_avg.resize_(15)
-    with pytest.raises(ValueError, match="exp_avg must be 1-D of shape"):
+    fnd.state.resize_(15, 4)
+    with pytest.raises(ValueError, match="state buffer must have shape"):
         fnd.step(sim, idx)
-    assert torch.equal(fnd.lambdas, before)
+    assert torch.equal(fnd.lambdas, before[:15])
