@@ -407,7 +407,10 @@ class GloFND(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # the four vectors, checked all before any is copied into the block (in place, also
-        # with assign=True: the buffer stays one block)
+        # with assign=True: the buffer stays one block). They load together: with one missing
+        # none is loaded, also with strict=False (which reports it in missing_keys; torch passes
+        # strict=True here whatever the caller asked), as λ without its moments and counts
+        # would not be a state
         _dist.forget_write(self)
         if self.distributed == "sharded":
             state_dict = _dist.load_shard(self, state_dict, prefix)
@@ -425,6 +428,7 @@ class GloFND(nn.Module):
             key = prefix + name
             if key not in state_dict:
                 missing_keys.append(key)
+                bad = True
                 continue
             value = state_dict[key]
             if not isinstance(value, Tensor):

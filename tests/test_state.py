@@ -209,6 +209,38 @@ def test_cpu_state_is_one_block_and_stays_so():
         assert torch.equal(getattr(other, k), before[k]), k
 
 
+@pytest.mark.parametrize("bad", ["missing", "short", "not-a-tensor"])
+def test_a_bad_checkpoint_changes_nothing(bad):
+    """A checkpoint with one state vector missing, of another length or not a tensor raises
+    and leaves every vector as it was; so does a non-strict load with one missing (the four
+    load together), which reports it."""
+    fnd = glofnd.GloFND(12, alpha=0.2)
+    for sim, idx in batches(12, 2):
+        fnd(sim, idx)
+    before = {k: getattr(fnd, k).clone() for k in STATE}
+    sd = {k: (v + 1 if k != "steps" else v + 3) for k, v in before.items()}
+    sd["_extra_state"] = {"epoch": 0}
+    if bad == "missing":
+        del sd["steps"]
+    elif bad == "short":
+        sd["exp_avg_sq"] = sd["exp_avg_sq"][:-1]
+    else:
+        sd["steps"] = sd["steps"].tolist()
+    with pytest.raises(RuntimeError, match="steps" if bad != "short" else "exp_avg_sq"):
+        fnd.load_state_dict(sd)
+    for k in STATE:
+        assert torch.equal(getattr(fnd, k), before[k]), k
+    if bad == "missing":
+        result = fnd.load_state_dict(sd, strict=False)
+        assert result.missing_keys == ["steps"]
+        for k in STATE:
+            assert torch.equal(getattr(fnd, k), before[k]), k
+        sd["steps"] = before["steps"] + 3  # complete: all four load
+        fnd.load_state_dict(sd)
+        for k in STATE:
+            assert torch.equal(getattr(fnd, k), before[k] + (3 if k == "steps" else 1)), k
+
+
 def test_assigning_a_vector_copies_into_the_block():
     """``fnd.<vector> = t`` writes t's values into the block (which stays the same object), so
     the next step reads them: compared with a twin loaded with the same values."""
