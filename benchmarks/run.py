@@ -137,8 +137,9 @@ def batch(b: int, n: int, seed: int = 0):
 
 
 def touched_state(n: int) -> dict:
-    """A NumPy state whose pages are all written (np.zeros pages would fault on first use)."""
-    st = numpy_api.init_state(n)
+    """A state of four separate contiguous NumPy arrays, all pages written (np.zeros pages would
+    fault on first use)."""
+    st = {k: np.ascontiguousarray(v) for k, v in numpy_api.init_state(n).items()}
     for k in ("exp_avg", "exp_avg_sq", "steps"):
         st[k][:] = 0
     return st
@@ -508,9 +509,10 @@ def section_d(cfg) -> list[str]:
               "16 aligned bytes per sample, one cache line. `(N, 3) + steps` is GloFND's "
               "layout before it (commit 069e5f2): λ, m and v in an (N, 3) block (12 bytes; 2 "
               "samples in 16 straddle two lines) and the counts a separate int32 vector, about "
-              "two lines per sample. `separate` is four separate arrays (the NumPy API's "
-              "layout): four lines per sample. All three are allocated through NumPy, whose "
-              "allocator asks for transparent huge pages on large blocks (checked in "
+              "two lines per sample. `separate` is four separate contiguous arrays (the "
+              "NumPy API's layout before its init_state made a block too): four lines per "
+              "sample. All three are allocated through NumPy, whose allocator asks for "
+              "transparent huge pages on large blocks (checked in "
               "/proc/self/smaps: 153.6 of the 160 MB of an (N, 4) block at N = 10^7 on huge "
               "pages), as GloFND allocates its block; in a run of this section with the block "
               "allocated by torch (no huge pages; 2026-11-27), the (N, 3) layout measured 1.25 "

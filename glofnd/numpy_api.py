@@ -42,12 +42,20 @@ def _check_state(state) -> int:
         if a.ndim != 1 or a.shape[0] != n:
             raise ValueError(f"state[{key!r}] must be 1-D of length {n} (num_samples), "
                              f"got shape {a.shape}")
-        if not (a.flags.c_contiguous and a.flags.writeable and a.flags.aligned):
-            raise ValueError(f"state[{key!r}] must be C-contiguous, aligned and writeable")
-    for i, (a, _) in enumerate(_STATE):
-        for b, _ in _STATE[i + 1:]:
-            if np.may_share_memory(state[a], state[b]):
-                raise ValueError(f"state[{a!r}] and state[{b!r}] must not share memory")
+        stride = a.strides[0]
+        if not (a.flags.writeable and a.flags.aligned) or (n > 1 and (stride <= 0 or stride % 4)):
+            raise ValueError(f"state[{key!r}] must be aligned, writeable, with a positive stride "
+                             "of whole elements (contiguous, or a column of an (N, k) block)")
+    # no element shared: byte ranges apart, or the same stride and start addresses that differ
+    # by a non-multiple of it (the columns of one block; elements are aligned 4-byte words)
+    for i, (ka, _) in enumerate(_STATE):
+        for kb, _ in _STATE[i + 1:]:
+            a, b = state[ka], state[kb]
+            pa, pb = a.__array_interface__["data"][0], b.__array_interface__["data"][0]
+            sa, sb = (a.strides[0], b.strides[0]) if n > 1 else (4, 4)
+            apart = pa >= pb + sb * (n - 1) + 4 or pb >= pa + sa * (n - 1) + 4
+            if not apart and not (sa == sb and (pa - pb) % sa != 0):
+                raise ValueError(f"state[{ka!r}] and state[{kb!r}] must not share memory")
     return n
 
 
@@ -81,6 +89,11 @@ def init_state(num_samples: int, init_lambda: float = 1.0) -> dict:
     """A fresh state: ``lambdas`` (N,) float32 at ``init_lambda``, zero Adam moments
     ``exp_avg``/``exp_avg_sq`` (N,) float32 and update counts ``steps`` (N,) int32.
 
+    The four are views of the columns of one (N, 4) float32 array (the counts' int32 bits in the
+    last), as :class:`glofnd.GloFND` keeps its state: a sample's 16 bytes share one cache line,
+    so that a step's cost hardly grows with N (docs/benchmarks.md, section d). Any four 1-D
+    arrays of these dtypes and length N that share no element work as a state too.
+
     Raises a MemoryError naming ``num_samples`` when those 16 bytes a sample are more than this
     machine's memory and swap together, or cannot be allocated."""
     if not _is_int(num_samples):
@@ -90,12 +103,10 @@ def init_state(num_samples: int, init_lambda: float = 1.0) -> dict:
     init = _real("init_lambda", init_lambda, -_F32, _F32, False, False)
     check_state_fits(num_samples, num_samples)
     try:
-        return {
-            "lambdas": np.full(num_samples, init, dtype=np.float32),
-            "exp_avg": np.zeros(num_samples, dtype=np.float32),
-            "exp_avg_sq": np.zeros(num_samples, dtype=np.float32),
-            "steps": np.zeros(num_samples, dtype=np.int32),
-        }
+        block = np.zeros((num_samples, 4), dtype=np.float32)
+        block[:, 0] = init
+        return {"lambdas": block[:, 0], "exp_avg": block[:, 1], "exp_avg_sq": block[:, 2],
+                "steps": block.view(np.int32)[:, 3]}
     except MemoryError:
         raise MemoryError(f"num_samples={num_samples} needs {16 * num_samples / 2**30:.1f} GiB "
                           "of state, more than can be allocated here") from None
@@ -129,8 +140,9 @@ def threshold_step(sim, index, state: dict, valid=None, *, alpha: float = 0.01,
     Raises:
         TypeError, ValueError, IndexError (naming the argument) on bad input: wrong types,
         dtypes or shapes, an empty batch, indices outside [0, N), hyper-parameters out of range,
-        state arrays that are not 1-D, C-contiguous, writeable and of their dtype. The state is
-        checked before anything is written: on error it is left exactly as it was.
+        state arrays that are not 1-D, of their dtype, aligned and writeable with a positive
+        stride, or that share elements. The state is checked before anything is written: on
+        error it is left exactly as it was.
 
     Example::
 

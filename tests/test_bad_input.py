@@ -194,8 +194,14 @@ def _readonly(a):
     return a
 
 
-def _strided(a):
-    return np.repeat(a, 2)[::2]
+def _overlapping(ctx):
+    """exp_avg and exp_avg_sq with a stride of 2 elements in one array, the second starting at
+    the first's element 1: they share N - 1 elements."""
+    big = np.zeros(2 * N + 2, dtype=np.float32)
+    pair = {"exp_avg": big[0:2 * N:2], "exp_avg_sq": big[2:2 * N + 2:2]}
+    if "state" in ctx["kwargs"]:
+        return {"state": dict(ctx["state"], **pair)}
+    return pair
 
 
 def _t(f):
@@ -255,8 +261,9 @@ ROWS = [
     Row(ARR, "steps-int64", _st("steps", lambda a: a.astype(np.int64)), TypeError, "steps"),
     Row(ARR, "steps-short", _st("steps", lambda a: a[:-1].copy()), ValueError, "steps"),
     Row(ARR, "lambdas-2d", _st("lambdas", lambda a: a[None].copy()), ValueError, "lambdas"),
-    # the binding takes strided state (columns of an interleaved block), the NumPy API does not
-    Row(NP, "exp_avg-strided", _st("exp_avg", _strided), ValueError, "exp_avg"),
+    # strided state is taken (columns of a block), state that shares elements is not: here
+    # exp_avg_sq starts one element of stride 2 after exp_avg
+    Row(ARR, "exp_avg_sq-overlaps-exp_avg", _overlapping, ValueError, "exp_avg_sq"),
     Row(ARR, "exp_avg-reversed", _st("exp_avg", lambda a: a[::-1]), ValueError, "exp_avg"),
     Row(ARR, "exp_avg_sq-readonly", _st("exp_avg_sq", _readonly), ValueError, "exp_avg_sq"),
     Row(ARR, "exp_avg-aliases-lambdas", lambda ctx: _st("exp_avg", lambda a: (

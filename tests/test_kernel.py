@@ -191,6 +191,34 @@ def test_thread_count_does_not_change_bytes(dtype):
             assert torch.equal(s1[k], st[k]), k
 
 
+@pytest.mark.parametrize("path", ["c", "reference"])
+def test_numpy_api_takes_any_disjoint_layout(path):
+    """init_state's (N, 4) block, four contiguous arrays and four arrays with a stride of two
+    elements step to the same bytes, on the C kernel and on the reference."""
+    if path == "c" and _ops._C is None:
+        pytest.skip("C extension not built")
+    rng = np.random.default_rng(9)
+    block = glofnd.numpy_api.init_state(40, init_lambda=0.5)
+    assert block["lambdas"].base is not None and block["steps"].strides == (16,)
+    layouts = {"block": block,
+               "contiguous": {k: np.ascontiguousarray(v) for k, v in block.items()},
+               "stride-2": {k: np.repeat(v, 2)[::2] for k, v in block.items()}}
+    kw = dict(alpha=0.05, lr=0.05, beta1=0.9, beta2=0.98, eps=1e-8, lo=-1.0, hi=1.0, optimizer=0,
+              step=0, update=True)
+    for _ in range(3):
+        sim = rng.uniform(-1, 1, (24, 31)).astype(np.float32)
+        index = rng.integers(0, 40, 24)
+        outs = [glofnd.threshold_step(sim, index, st, alpha=0.05) if path == "c"
+                else glofnd.numpy_api._reference(sim, index, st, None, kw)
+                for st in layouts.values()]
+        for m, k in outs[1:]:
+            assert np.array_equal(outs[0][0], m) and np.array_equal(outs[0][1], k)
+    for name, st in layouts.items():
+        for key in STATE_KEYS:
+            assert np.array_equal(st[key], block[key]), (name, key)
+    assert block["steps"].max() > 0
+
+
 @needs_c
 def test_numpy_api_threads_and_reference_agree():
     rng = np.random.default_rng(8)
