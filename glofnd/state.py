@@ -497,7 +497,8 @@ class GloFND(nn.Module):
         if "state" not in buffers and all(name in buffers for name, _ in _STATE):
             # pickled by a version with four buffers: into one block
             old = [buffers.pop(name) for name, _ in _STATE]
-            block = old[0].new_empty((old[0].shape[0], 4))
+            n = old[0].shape[0]
+            block = _new_block(n) if old[0].device.type == "cpu" else old[0].new_empty((n, 4))
             for view, value in zip(_columns(block), old):
                 view.copy_(value)
             buffers["state"] = block
