@@ -120,8 +120,8 @@ static inline void glofnd_internal_prefetch_group(const glofnd_state *st, const 
     if (k < g->ngroups)
         glofnd_internal_prefetch_state(st, index[g->order[g->starts[k]]]);
 }
-/* The state entries of every group of g, when the state is large (threshold.c). */
+/* The state entries of the groups [k0, k1) of g, when the state is large (threshold.c). */
 void glofnd_internal_prefetch_groups(const glofnd_state *st, const int64_t *index,
-                                     const glofnd_grouping *g);
+                                     const glofnd_grouping *g, int64_t k0, int64_t k1);
 
 #endif /* GLOFND_INTERNAL_H */

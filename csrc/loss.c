@@ -290,13 +290,13 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
         status_ = glofnd_internal_group_rows(index, (b)->rows, &g);                             \
         if (status_ != GLOFND_OK)                                                               \
             return status_;                                                                     \
-        if ((p)->update)                                                                        \
-            glofnd_internal_prefetch_groups(st, index, &g);                                     \
         /* the loss's exponentials make an entry dearer than in the threshold step */          \
         const int nt = glofnd_internal_threads_for((b)->num_threads, (b)->rows * (b)->cols,    \
                                                    LOSS_MIN_WORK_PER_THREAD, g.ngroups);        \
         if (nt == 1) { /* one pipeline, no OpenMP region (internal.h) */                        \
             const int64_t k0_ = 0, k1_ = g.ngroups;                                             \
+            if ((p)->update)                                                                    \
+                glofnd_internal_prefetch_groups(st, index, &g, k0_, k1_);                       \
             call;                                                                               \
         } else {                                                                                \
             const int64_t chunk_ = glofnd_internal_chunk_groups(g.ngroups, nt);                 \
@@ -305,6 +305,8 @@ int glofnd_sogclr_bwd_f64(const double *sim, double scale, int shift, int pos_te
             for (int64_t c_ = 0; c_ < nchunks_; ++c_) {                                         \
                 const int64_t k0_ = c_ * chunk_;                                                \
                 const int64_t k1_ = k0_ + glofnd_internal_take(k0_, g.ngroups, chunk_);         \
+                if ((p)->update) /* by the thread that writes them */                           \
+                    glofnd_internal_prefetch_groups(st, index, &g, k0_, k1_);                   \
                 call;                                                                           \
             }                                                                                   \
         }                                                                                       \

@@ -446,17 +446,20 @@ static group_fn kernel_f64(void)
     }
 }
 
-/* Prefetches the state entries of every group of the batch at once, before any is used, when
- * the state is too large to stay in the caches between steps: the misses of all the batch's
- * samples are then in flight together, instead of a few groups' at a time (the per-group
- * prefetch a few groups ahead still runs). At N = 10^7 this took the step from 1.09x to
- * 1.01-1.03x its time at N = 10^3 (B = 512; docs/benchmarks.md, section d). */
+/* Prefetches the state entries of the groups [k0, k1) at once, before any is used, when the
+ * state is too large to stay in the caches between steps: the misses of all those samples are
+ * then in flight together, instead of a few groups' at a time (the per-group prefetch a few
+ * groups ahead still runs). Called for the whole batch by one thread, and by each thread for
+ * the chunk it takes (the lines then come to the core that writes them). At N = 10^7 this took
+ * the step from 1.09x to 1.01-1.03x its time at N = 10^3 (B = 512, one thread); with two
+ * threads, the chunks' own prefetches took it from 1.09-1.12x to 1.01-1.03x its time at
+ * N = 10^4, where one thread had prefetched the whole batch (docs/benchmarks.md, section d). */
 void glofnd_internal_prefetch_groups(const glofnd_state *st, const int64_t *index,
-                                     const glofnd_grouping *g)
+                                     const glofnd_grouping *g, int64_t k0, int64_t k1)
 {
     if (st->n < GLOFND_PREFETCH_ALL_MIN)
         return;
-    for (int64_t k = 0; k < g->ngroups; ++k)
+    for (int64_t k = k0; k < k1; ++k)
         glofnd_internal_prefetch_group(st, index, g, k);
 }
 
@@ -488,10 +491,10 @@ static int run_step(group_fn fn, flat_fn flat, const void *sim, const glofnd_bat
         return status;
 
     const int64_t ngroups = g.ngroups;
-    if (p->update)
-        glofnd_internal_prefetch_groups(st, b->index, &g);
     const int nt = glofnd_internal_threads_for(p->num_threads, b->rows * b->cols,
                                                  GLOFND_MIN_WORK_PER_THREAD, ngroups);
+    if (p->update && nt == 1)
+        glofnd_internal_prefetch_groups(st, b->index, &g, 0, ngroups);
     /* one thread runs its groups as one pipeline, without an OpenMP region (internal.h,
      * glofnd_internal_threads_for); several take chunks of them */
     if (nt == 1 && flat != NULL && flat((const float *)sim, b, st, p, &g, mask, kept)) {
@@ -505,9 +508,10 @@ static int run_step(group_fn fn, flat_fn flat, const void *sim, const glofnd_bat
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
 #endif
         for (int64_t c = 0; c < nchunks; ++c) {
-            const int64_t k0 = c * chunk;
-            fn(sim, b, st, p, &g, k0, k0 + glofnd_internal_take(k0, ngroups, chunk), mask,
-               kept);
+            const int64_t k0 = c * chunk, k1 = k0 + glofnd_internal_take(k0, ngroups, chunk);
+            if (p->update)
+                glofnd_internal_prefetch_groups(st, b->index, &g, k0, k1);
+            fn(sim, b, st, p, &g, k0, k1, mask, kept);
         }
     }
 
