@@ -525,10 +525,12 @@ def section_d(cfg) -> list[str]:
               "(one thread, 4 rounds of alternating processes, 2026-11-27); 8 or 16 groups "
               "ahead instead of 4 had measured the same before.",
               "",
-              "With 2 threads at N = 10^3 the two threads' groups share state lines (four "
-              "samples to a line, half of the 1000 samples in every batch), which can make that "
-              "baseline a few per cent slower than N = 10^4 - 10^5 and the 2-thread ratio "
-              "correspondingly smaller; compare with the rows at 10^4 and 10^5.",
+              "The baseline N = 10^3 runs slower than N = 10^4 - 10^5 in every layout: by 2-3% "
+              "with 1 thread and 7-10% with 2 (runs of 2026-11-27). With 2 threads the two "
+              "threads' groups also write state lines in common (half of the 1000 samples are "
+              "in every batch, several to a line), which likely accounts for the larger gap. "
+              "The target is the ratio to N = 10^3, as stated; against N = 10^4 the ratios "
+              "at N = 10^7 are a few per cent higher (compare the rows).",
               "",
               "History: with the (N, 3) layout this section measured 1.09-1.23 at N = 10^7 "
               "before the whole-batch prefetch (commit 9441020), 1.01-1.03 after it, and "
@@ -536,7 +538,12 @@ def section_d(cfg) -> list[str]:
               "batches and the bias-correction table, which computes each value of t once per "
               "call instead of once per sample, which the misses at N = 10^7 had hidden). The "
               "(N, 4) block took it to 1.02-1.03 (1 thread) in three runs of this section "
-              "(2026-11-27), the old layout 1.09 in the same runs."]
+              "(2026-11-27), the old layout 1.09 in the same runs. With 2 threads the whole "
+              "batch's state had been prefetched by the calling thread, into its own core's "
+              "caches, before the threads split the groups; each thread now prefetches the "
+              "state of the chunk of groups it takes, when it takes it (commit 7f988c6): "
+              "N = 10^7 against N = 10^4 went from 1.09-1.17 to 1.03-1.06 in 4 rounds of "
+              "alternating processes, against N = 10^3 from 1.04-1.13 to 0.99-1.01 (2026-11-27)."]
     return lines
 
 
