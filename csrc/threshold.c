@@ -452,7 +452,7 @@ static group_fn kernel_f64(void)
  * groups ahead still runs). Called for the whole batch by one thread, and by each thread for
  * the chunk it takes (the lines then come to the core that writes them). At N = 10^7 this took
  * the step from 1.09x to 1.01-1.03x its time at N = 10^3 (B = 512, one thread); with two
- * threads, the chunks' own prefetches took it from 1.09-1.12x to 1.01-1.03x its time at
+ * threads, the chunks' own prefetches took it from 1.09-1.17x to 1.03-1.06x its time at
  * N = 10^4, where one thread had prefetched the whole batch (docs/benchmarks.md, section d). */
 void glofnd_internal_prefetch_groups(const glofnd_state *st, const int64_t *index,
                                      const glofnd_grouping *g, int64_t k0, int64_t k1)

@@ -31,17 +31,23 @@ def _new_block(size: int) -> Tensor:
     return torch.from_numpy(np.zeros((size, 4), dtype=np.float32))
 
 
+def _column(block: Tensor, k: int) -> Tensor:
+    """State vector k, an (N,) view of a state block: λ, m, v (float32) or, k = 3, the counts
+    (int32)."""
+    column = block[:, k]
+    return column.view(torch.int32) if k == 3 else column
+
+
 def _columns(block: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The four (N,) views of a state block: λ, m, v (float32) and the counts (int32)."""
-    return block[:, 0], block[:, 1], block[:, 2], block[:, 3].view(torch.int32)
+    return tuple(_column(block, k) for k in range(4))
 
 
 def _vector(k: int, doc: str) -> property:
     """GloFND's state vector k: column k of its buffer ``state`` (as int32 for the counts,
     k = 3); assigning copies into it (GloFND._assign)."""
     def get(self) -> Tensor:
-        column = self._buffers["state"][:, k]
-        return column.view(torch.int32) if k == 3 else column
+        return _column(self._buffers["state"], k)
 
     def assign(self, value: Tensor) -> None:
         self._assign(k, value)
@@ -213,7 +219,7 @@ class GloFND(nn.Module):
         if not isinstance(value, Tensor) or value.dtype != dtype:
             got = value.dtype if isinstance(value, Tensor) else type(value).__name__
             raise TypeError(f"{name} must be a {dtype} tensor, got {got}")
-        view = _columns(self._buffers["state"])[k]
+        view = _column(self._buffers["state"], k)
         if value.shape != view.shape:
             raise ValueError(f"{name} must have shape {tuple(view.shape)}, got "
                              f"{tuple(value.shape)}")
